@@ -1,0 +1,233 @@
+"""Settings: every tunable in one place, each with a default and a ``KS_COLLECTOR_*`` variable.
+
+The README's configuration table is checked against ``SETTINGS`` by a test, so a setting added
+here without documentation fails CI.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+# Kuaishou's conversion endpoint; tests and staging point KS_COLLECTOR_UPSTREAM_URL at a mock.
+KUAISHOU_ACTIVATE_URL = "http://ad.partner.gifshow.com/track/activate"
+
+# Event types relayed at most once per click unless configured otherwise (spec: "first only").
+DEFAULT_ONCE_PER_CALLBACK = "1,2,7,8,9,64,181"
+
+
+class ConfigError(ValueError):
+    """A setting has a value that cannot be used; the message names the variable."""
+
+
+def _parse_bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError("expected true or false")
+
+
+def _parse_int_set(raw: str) -> frozenset[int]:
+    return frozenset(int(part) for part in raw.split(",") if part.strip())
+
+
+def _parse_list(raw: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+def _parse_tokens(raw: str) -> dict[str, str]:
+    """``name:token,name2:token2`` → ``{token: name}``; names show in logs, tokens never do."""
+    tokens: dict[str, str] = {}
+    for pair in _parse_list(raw):
+        name, sep, token = pair.partition(":")
+        if not sep or not name.strip() or len(token.strip()) < 16:
+            raise ValueError("each entry must be name:token with a token of 16+ characters")
+        tokens[token.strip()] = name.strip()
+    return tokens
+
+
+def _positive(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse_positive(raw: str) -> Any:
+        value = parse(raw)
+        if value <= 0:
+            raise ValueError("must be greater than zero")
+        return value
+
+    return parse_positive
+
+
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError("must be zero or more")
+    return value
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One tunable: its attribute name, environment variable, default text and meaning."""
+
+    attribute: str
+    default: str
+    parse: Callable[[str], Any]
+    help: str
+
+    @property
+    def env_name(self) -> str:
+        return "KS_COLLECTOR_" + self.attribute.upper()
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "database_url",
+        "sqlite:///ks-collector.db",
+        str,
+        "Outbox store: `sqlite:///relative.db`, `sqlite:////absolute.db` or "
+        "`postgresql://user:pass@host/db`.",
+    ),
+    Setting(
+        "upstream_url",
+        KUAISHOU_ACTIVATE_URL,
+        str,
+        "Kuaishou's conversion endpoint. Only configuration can change where the relay sends.",
+    ),
+    Setting(
+        "upstream_timeout_seconds",
+        "10",
+        _positive(float),
+        "Connect + read timeout of one call to Kuaishou.",
+    ),
+    Setting(
+        "relay_concurrency", "64", _positive(int), "Requests one relay process keeps in flight."
+    ),
+    Setting(
+        "relay_poll_seconds",
+        "0.2",
+        _positive(float),
+        "How often an idle relay looks for due events.",
+    ),
+    Setting(
+        "lease_seconds",
+        "60",
+        _positive(float),
+        "How long a claimed event stays reserved for one relay before another may take it.",
+    ),
+    Setting(
+        "retry_base_seconds",
+        "5",
+        _positive(float),
+        "First retry delay; it doubles per attempt, with jitter.",
+    ),
+    Setting(
+        "retry_max_delay_seconds",
+        "1800",
+        _positive(float),
+        "Upper bound of one retry delay (a longer Retry-After is capped to it).",
+    ),
+    Setting(
+        "retry_max_age_hours",
+        "72",
+        _positive(float),
+        "An event still undelivered this long after it arrived is marked dead.",
+    ),
+    Setting(
+        "max_event_age_days",
+        "7",
+        _positive(float),
+        "A caller-supplied event_time older than this is refused.",
+    ),
+    Setting(
+        "once_per_callback",
+        DEFAULT_ONCE_PER_CALLBACK,
+        _parse_int_set,
+        "Event types relayed at most once per click id.",
+    ),
+    Setting(
+        "api_tokens",
+        "",
+        _parse_tokens,
+        "Server API tokens, `name:token,...` (tokens of 16+ characters). Empty: API off.",
+    ),
+    Setting(
+        "allowed_origins",
+        "",
+        _parse_list,
+        "Landing-page origins allowed to send tag events, e.g. "
+        "`https://a.example.com,*.example.org`; `*` allows any.",
+    ),
+    Setting(
+        "require_landing",
+        "false",
+        _parse_bool,
+        "Refuse tag events for a click id the tag never reported landing.",
+    ),
+    Setting(
+        "trusted_proxies",
+        "0",
+        _non_negative_int,
+        "Reverse proxies in front of the collector whose X-Forwarded-For is believed.",
+    ),
+    Setting(
+        "rate_limit_ip",
+        "120/minute",
+        str,
+        "Tag beacons allowed per client IP (Flask-Limiter syntax).",
+    ),
+    Setting("rate_limit_callback", "30/minute", str, "Tag beacons allowed per click id."),
+    Setting(
+        "rate_limit_storage_uri",
+        "memory://",
+        str,
+        "Where rate-limit counters live; `redis://host:6379` to share them across machines.",
+    ),
+    Setting(
+        "admin_token",
+        "",
+        str,
+        "Token for the /admin dashboard and its replay button. Empty: dashboard off.",
+    ),
+    Setting("log_format", "text", str, "`text` or `json`."),
+    Setting("log_level", "INFO", str, "Python logging level."),
+    Setting(
+        "metrics_dir",
+        "",
+        str,
+        "Directory for Prometheus multiprocess files; empty: a fresh temporary directory.",
+    ),
+)
+
+_BY_ATTRIBUTE = {setting.attribute: setting for setting in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Parsed settings; build one with ``Config.from_env()`` or ``Config.from_env(overrides)``."""
+
+    values: Mapping[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
+        """Read every setting from ``environ`` (default ``os.environ``); keyword overrides win."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for setting in SETTINGS:
+            raw = environ.get(setting.env_name, setting.default)
+            try:
+                values[setting.attribute] = setting.parse(raw)
+            except ValueError as error:
+                raise ConfigError(f"{setting.env_name}={raw!r}: {error}") from None
+        for name, value in overrides.items():
+            if name not in _BY_ATTRIBUTE:
+                raise ConfigError(f"unknown setting {name!r}")
+            values[name] = _BY_ATTRIBUTE[name].parse(value) if isinstance(value, str) else value
+        return cls(values)

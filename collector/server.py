@@ -1,0 +1,203 @@
+"""Process management: gunicorn for the web layer, the relay loop, and ``serve`` running both."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+from .config import Config
+
+log = logging.getLogger("ks_collector.server")
+
+# A relay that crashes is started again after this pause (events wait safely in the outbox).
+RELAY_RESTART_SECONDS = 1.0
+# How long `serve` waits for its children to finish in-flight work on SIGTERM.
+STOP_GRACE_SECONDS = 30.0
+
+
+def is_loopback_bind(bind: str) -> bool:
+    """True for ``127.0.0.1:8000``, ``[::1]:8000``, ``localhost:8000`` and unix sockets."""
+    if bind.startswith("unix:"):
+        return True
+    host = bind.rpartition(":")[0] if bind.rpartition(":")[2].isdigit() else bind
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _die_with_parent() -> None:
+    """In a child: get SIGTERM if `serve` itself dies, so no orphan keeps the port."""
+    try:
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def check_bind_is_safe(bind: str, config: Config) -> None:
+    """Refuse a public bind without an origin allowlist; warn when the allowlist is ``*``."""
+    if is_loopback_bind(bind):
+        return
+    if not config.allowed_origins:
+        raise SystemExit(
+            f"refusing to listen on {bind} with no KS_COLLECTOR_ALLOWED_ORIGINS: anyone could "
+            "post conversions for your landing pages. Set the origins of your landing pages, "
+            "or '*' to accept any page deliberately."
+        )
+    if "*" in config.allowed_origins:
+        log.warning(
+            "KS_COLLECTOR_ALLOWED_ORIGINS is '*': tag events are accepted from any "
+            "page on the internet"
+        )
+
+
+class GunicornApp(BaseApplication):
+    """gunicorn embedded, so `ks-collector web` needs no separate config file."""
+
+    def __init__(self, options: dict[str, Any]):
+        self.options = options
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self.options.items():
+            if key in self.cfg.settings:  # settings newer than the installed gunicorn are skipped
+                self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        from .web import create_app
+
+        return create_app()
+
+
+def _child_exit(server: Any, worker: Any) -> None:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
+
+
+def run_web(bind: str, workers: int, threads: int) -> None:
+    """Run gunicorn in this process until it is told to stop."""
+    GunicornApp(
+        {
+            "bind": bind,
+            "workers": workers,
+            "threads": threads,
+            "worker_class": "gthread" if threads > 1 else "sync",
+            "accesslog": None,
+            "errorlog": "-",
+            "graceful_timeout": 20,
+            "timeout": 30,
+            "keepalive": 5,
+            "child_exit": _child_exit,
+            "proc_name": "ks-collector-web",
+            # gunicorn 25+ opens one control socket per user by default; two collectors would clash.
+            "control_socket_disable": True,
+        }
+    ).run()
+
+
+def run_relay(config: Config) -> None:
+    """Run one relay in this process until SIGTERM or SIGINT, then finish in-flight work."""
+    from .relay import Relay
+    from .store import open_store
+
+    store = open_store(config.database_url)
+    relay = Relay(store, config)
+
+    def stop(signum: int, _frame: Any) -> None:
+        log.info("relay got %s: finishing in-flight requests", signal.Signals(signum).name)
+        relay.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    relay.run()
+    store.close()
+
+
+def prepare_metrics_dir(config: Config) -> str:
+    """A clean multiprocess directory; counters from a previous run must not leak in."""
+    if config.metrics_dir:
+        shutil.rmtree(config.metrics_dir, ignore_errors=True)
+        os.makedirs(config.metrics_dir, exist_ok=True)
+        return config.metrics_dir
+    return tempfile.mkdtemp(prefix="ks-collector-metrics-")
+
+
+def serve(bind: str, workers: int, threads: int, config: Config) -> int:
+    """Run gunicorn and a relay as child processes; stop both on SIGTERM or Ctrl-C."""
+    check_bind_is_safe(bind, config)
+    env = dict(os.environ)
+    env["PROMETHEUS_MULTIPROC_DIR"] = prepare_metrics_dir(config)
+    base = [sys.executable, "-m", "collector"]
+    # Own sessions: Ctrl-C reaches only `serve`, which stops the children gracefully (a SIGINT
+    # would make gunicorn drop requests in flight).
+    child = {"env": env, "start_new_session": True, "preexec_fn": _die_with_parent}
+    web = subprocess.Popen(
+        [
+            *base,
+            "web",
+            "--bind",
+            bind,
+            "--workers",
+            str(workers),
+            "--threads",
+            str(threads),
+            "--no-migrate",
+        ],
+        **child,
+    )
+    relay = subprocess.Popen([*base, "relay", "--no-migrate"], **child)
+    stopping = threading.Event()
+
+    def stop(signum: int, _frame: Any) -> None:
+        if not stopping.is_set():
+            log.info("got %s: stopping web and relay", signal.Signals(signum).name)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("serving on http://%s (%d workers x %d threads) with a relay", bind, workers, threads)
+    exit_code = 0
+    while not stopping.is_set():
+        if web.poll() is not None:
+            log.error("web server exited with %s; stopping", web.returncode)
+            exit_code = web.returncode or 1
+            break
+        if relay.poll() is not None:
+            log.error("relay exited with %s; starting it again", relay.returncode)
+            time.sleep(RELAY_RESTART_SECONDS)
+            relay = subprocess.Popen([*base, "relay", "--no-migrate"], **child)
+        stopping.wait(0.2)
+
+    for child in (web, relay):
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    for child in (web, relay):
+        try:
+            child.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.error("pid %d did not stop in %.0f s; killing it", child.pid, STOP_GRACE_SECONDS)
+            child.kill()
+            child.wait()
+    if not config.metrics_dir:
+        shutil.rmtree(env["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+    return exit_code

@@ -1,0 +1,109 @@
+"""The PostgreSQL outbox, for several collectors and relays sharing one database.
+
+psycopg 3 with its connection pool: plain SQL is all the outbox needs, and SQLAlchemy would
+add a layer between us and the two statements that matter (the claim's ``FOR UPDATE SKIP
+LOCKED`` and ``ON CONFLICT DO NOTHING``) without removing any code.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from .base import SqlStore, StoreUnavailable
+from .schema import MIGRATIONS
+
+_FILL = {"pk": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", "int64": "BIGINT"}
+# Any constant works; it only has to be the same for every process migrating this database.
+_MIGRATION_LOCK = 0x6B5F636F6C6C
+
+
+class PostgresStore(SqlStore):
+    dialect = "postgresql"
+    claim_sql = (
+        "UPDATE events SET lease_owner = %s, lease_until_ms = %s, attempts = attempts + 1"
+        " WHERE id IN (SELECT id FROM events WHERE status = 'pending'"
+        " AND next_attempt_at_ms <= %s AND (lease_until_ms IS NULL OR lease_until_ms < %s)"
+        " ORDER BY next_attempt_at_ms LIMIT %s FOR UPDATE SKIP LOCKED)"
+        " RETURNING id, event_id, event_type, callback, event_time_ms, params, attempts,"
+        " COALESCE(replayed_at_ms, received_at_ms)"
+    )
+
+    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 8, timeout: float = 5.0):
+        try:
+            import psycopg  # noqa: F401
+            import psycopg_pool  # noqa: F401
+        except ImportError as error:
+            raise RuntimeError(
+                "PostgreSQL needs psycopg: pip install 'ks-collector[postgres]'"
+            ) from error
+        self.url = url
+        self._pool_args = {"min_size": min_size, "max_size": max_size, "timeout": timeout}
+        self._pool: Any = None
+        self._pid = os.getpid()
+
+    def sql(self, text: str) -> str:
+        return text.replace("?", "%s")
+
+    def _get_pool(self) -> Any:
+        from psycopg_pool import ConnectionPool
+
+        # A pool's sockets must not be shared across a fork: each process opens its own.
+        if self._pool is None or self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._pool = ConnectionPool(
+                self.url, open=True, **self._pool_args, kwargs={"autocommit": False}
+            )
+        return self._pool
+
+    @contextmanager
+    def _connection(self) -> Iterator[Any]:
+        import psycopg
+        from psycopg_pool import PoolTimeout
+
+        try:
+            with self._get_pool().connection() as connection:
+                yield connection
+        except (psycopg.OperationalError, PoolTimeout) as error:
+            raise StoreUnavailable(f"PostgreSQL unavailable: {error}") from error
+
+    @contextmanager
+    def transaction(self) -> Iterator[Any]:
+        with self._connection() as connection, connection.cursor() as cursor:
+            yield cursor
+            # The pool commits on a clean exit from connection() and rolls back on error.
+
+    @contextmanager
+    def reading(self) -> Iterator[Any]:
+        with self._connection() as connection, connection.cursor() as cursor:
+            yield cursor
+
+    def migrate(self) -> list[int]:
+        applied: list[int] = []
+        with self.transaction() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            cursor.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations"
+                " (version INTEGER PRIMARY KEY, applied_at_ms BIGINT NOT NULL)"
+            )
+            cursor.execute("SELECT version FROM schema_migrations")
+            done = {row[0] for row in cursor.fetchall()}
+            for version, _description, statements in MIGRATIONS:
+                if version in done:
+                    continue
+                for statement in statements:
+                    cursor.execute(statement.format(**_FILL))
+                cursor.execute(
+                    "INSERT INTO schema_migrations (version, applied_at_ms) VALUES (%s, %s)",
+                    (version, time.time_ns() // 1_000_000),
+                )
+                applied.append(version)
+        return applied
+
+    def close(self) -> None:
+        if self._pool is not None and self._pid == os.getpid():
+            self._pool.close()
+        self._pool = None

@@ -1,0 +1,135 @@
+"""The embedded SQLite outbox: one file, WAL journal, a full fsync per commit.
+
+Several gunicorn workers and a relay share the file. Every write transaction starts with
+``BEGIN IMMEDIATE`` so it takes the write lock up front and waits (busy timeout) instead of
+failing half-way with "database is locked" when two writers meet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from .base import SqlStore, StoreUnavailable
+from .schema import MIGRATIONS
+
+# How long a writer waits for another's lock before the request is answered 503.
+BUSY_TIMEOUT_MS = 5000
+
+_FILL = {"pk": "INTEGER PRIMARY KEY", "int64": "INTEGER"}
+
+
+def path_from_url(url: str) -> str:
+    """``sqlite:///relative.db`` → ``relative.db``; ``sqlite:////abs/x.db`` → ``/abs/x.db``."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or len(url) == len(prefix):
+        raise ValueError(f"not a SQLite URL: {url!r} (expected sqlite:///path/to/file.db)")
+    return url[len(prefix) :]
+
+
+class SqliteStore(SqlStore):
+    dialect = "sqlite"
+    claim_sql = (
+        "UPDATE events SET lease_owner = ?, lease_until_ms = ?, attempts = attempts + 1"
+        " WHERE id IN (SELECT id FROM events WHERE status = 'pending'"
+        " AND next_attempt_at_ms <= ? AND (lease_until_ms IS NULL OR lease_until_ms < ?)"
+        " ORDER BY next_attempt_at_ms LIMIT ?)"
+        " RETURNING id, event_id, event_type, callback, event_time_ms, params, attempts,"
+        " COALESCE(replayed_at_ms, received_at_ms)"
+    )
+
+    def __init__(self, url: str):
+        self.url = url
+        self.path = path_from_url(url)
+        self._local = threading.local()
+        self._pid = os.getpid()
+
+    def _connection(self) -> sqlite3.Connection:
+        # Connections must not cross a fork (gunicorn forks workers after the app is built).
+        if self._pid != os.getpid():
+            self._local = threading.local()
+            self._pid = os.getpid()
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = sqlite3.connect(
+                self.path,
+                timeout=BUSY_TIMEOUT_MS / 1000,
+                isolation_level=None,
+                check_same_thread=True,
+            )
+            connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            connection.execute("PRAGMA journal_mode = WAL")
+            # FULL: a commit is on disk before we answer 2xx, power loss included.
+            connection.execute("PRAGMA synchronous = FULL")
+            connection.execute("PRAGMA foreign_keys = ON")
+            self._local.connection = connection
+        return connection
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Cursor]:
+        try:
+            connection = self._connection()
+            cursor = connection.cursor()
+            cursor.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as error:
+            raise StoreUnavailable(f"SQLite could not start a transaction: {error}") from error
+        try:
+            yield cursor
+            cursor.execute("COMMIT")
+        except sqlite3.OperationalError as error:
+            self._rollback(connection)
+            raise StoreUnavailable(f"SQLite could not commit: {error}") from error
+        except BaseException:
+            self._rollback(connection)
+            raise
+
+    @staticmethod
+    def _rollback(connection: sqlite3.Connection) -> None:
+        if connection.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                connection.execute("ROLLBACK")
+
+    @contextmanager
+    def reading(self) -> Iterator[sqlite3.Cursor]:
+        try:
+            cursor = self._connection().cursor()
+        except sqlite3.Error as error:
+            raise StoreUnavailable(f"SQLite could not be opened: {error}") from error
+        try:
+            yield cursor
+        except sqlite3.OperationalError as error:
+            raise StoreUnavailable(f"SQLite read failed: {error}") from error
+        finally:
+            cursor.close()
+
+    def migrate(self) -> list[int]:
+        applied: list[int] = []
+        with self.transaction() as cursor:
+            cursor.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations"
+                " (version INTEGER PRIMARY KEY, applied_at_ms INTEGER NOT NULL)"
+            )
+            cursor.execute("SELECT version FROM schema_migrations")
+            done = {row[0] for row in cursor.fetchall()}
+            for version, _description, statements in MIGRATIONS:
+                if version in done:
+                    continue
+                for statement in statements:
+                    cursor.execute(statement.format(**_FILL))
+                cursor.execute(
+                    "INSERT INTO schema_migrations (version, applied_at_ms) VALUES (?, ?)",
+                    (version, time.time_ns() // 1_000_000),
+                )
+                applied.append(version)
+        return applied
+
+    def close(self) -> None:
+        connection = getattr(self._local, "connection", None)
+        if connection is not None:
+            connection.close()
+            self._local.connection = None
