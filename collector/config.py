@@ -157,7 +157,8 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         _parse_list,
         "Landing-page origins allowed to send tag events, e.g. "
-        "`https://a.example.com,*.example.org`; `*` allows any.",
+        "`https://a.example.com,*.example.org`; `*` allows any. Empty: any origin, and "
+        "`serve` refuses to listen beyond loopback.",
     ),
     Setting(
         "require_landing",
@@ -231,3 +232,16 @@ class Config:
                 raise ConfigError(f"unknown setting {name!r}")
             values[name] = _BY_ATTRIBUTE[name].parse(value) if isinstance(value, str) else value
         return cls(values)
+
+
+def settings_markdown() -> str:
+    """The README's configuration table, generated so that it cannot drift from the code."""
+    lines = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for setting in SETTINGS:
+        default = f"`{setting.default}`" if setting.default else "(empty)"
+        lines.append(f"| `{setting.env_name}` | {default} | {setting.help} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(settings_markdown(), end="")
