@@ -22,9 +22,9 @@ blueprint = Blueprint("pages", __name__)
 
 
 def tag_path() -> Path:
-    """static/tag.js from the source tree, or the copy installed with the package."""
+    """static/tag.js from the source tree, or the copy installed as ``collector/assets``."""
     here = Path(__file__).resolve().parent
-    for candidate in (here.parents[1] / "static" / "tag.js", here.parent / "static" / "tag.js"):
+    for candidate in (here.parents[1] / "static" / "tag.js", here.parent / "assets" / "tag.js"):
         if candidate.is_file():
             return candidate
     raise FileNotFoundError("static/tag.js is missing from this installation")
