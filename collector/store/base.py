@@ -439,3 +439,94 @@ class SqlStore:
         """Raise ``StoreUnavailable`` unless a write transaction can commit now."""
         with self.transaction() as cursor:
             cursor.execute("SELECT COUNT(*) FROM schema_migrations")
+
+    # ---- dashboard queries -------------------------------------------------------------------
+    # Read-only summaries for /admin, `ks-collector stats` and `ks-collector check`.
+
+    def daily_counts(
+        self, since_ms: int, utc_offset_ms: int = 0
+    ) -> list[tuple[int, int, str, int]]:
+        """``(day, event_type, status, count)`` of events received since ``since_ms``.
+
+        ``day`` counts days since 1970-01-01 in a zone ``utc_offset_ms`` east of UTC, so the
+        dashboard's days start at local midnight.
+        """
+        with self.reading() as cursor:
+            cursor.execute(
+                self.sql(
+                    "SELECT (received_at_ms + ?) / 86400000, event_type, status, COUNT(*)"
+                    " FROM events WHERE received_at_ms >= ? GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+                ),
+                (utc_offset_ms, since_ms),
+            )
+            return [(int(row[0]), row[1], row[2], row[3]) for row in cursor.fetchall()]
+
+    def rejection_reasons(self, since_ms: int, limit: int = 10) -> list[tuple[str, str, int]]:
+        """``(status, last error, count)`` of rejected and dead events, commonest first."""
+        with self.reading() as cursor:
+            cursor.execute(
+                self.sql(
+                    "SELECT status, COALESCE(last_error, ''), COUNT(*) FROM events"
+                    " WHERE status IN ('rejected', 'dead') AND received_at_ms >= ?"
+                    " GROUP BY 1, 2 ORDER BY 3 DESC, 2, 1 LIMIT ?"
+                ),
+                (since_ms, limit),
+            )
+            return [tuple(row) for row in cursor.fetchall()]
+
+    def recent_events(
+        self,
+        *,
+        status: str | None = None,
+        event_type: int | None = None,
+        reason: str | None = None,
+        before_id: int | None = None,
+        limit: int = 50,
+    ) -> list[dict[str, Any]]:
+        """Like ``list_events``, and ``reason`` keeps only events whose last error is exactly it
+        (``""`` for none), so a row of ``rejection_reasons`` leads to its events."""
+        clauses, args = ["1 = 1"], []
+        for clause, value in (
+            ("status = ?", status),
+            ("event_type = ?", event_type),
+            ("COALESCE(last_error, '') = ?", reason),
+            ("id < ?", before_id),
+        ):
+            if value is not None:
+                clauses.append(clause)
+                args.append(value)
+        with self.reading() as cursor:
+            cursor.execute(
+                self.sql(
+                    f"SELECT {EVENT_COLUMNS} FROM events WHERE {' AND '.join(clauses)}"
+                    " ORDER BY id DESC LIMIT ?"
+                ),
+                (*args, limit),
+            )
+            names = [column.strip() for column in EVENT_COLUMNS.split(",")]
+            rows = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+        for row in rows:
+            row["params"] = json.loads(row["params"])
+        return rows
+
+    def relay_heartbeats(self) -> list[tuple[str, int]]:
+        """``(relay name, last beat ms)`` of every relay that ever reported in, latest first."""
+        with self.reading() as cursor:
+            cursor.execute("SELECT relay, beat_at_ms FROM relay_heartbeats ORDER BY 2 DESC, 1")
+            return [tuple(row) for row in cursor.fetchall()]
+
+    def schema_version(self) -> int | None:
+        """The newest applied migration, or None for a store that was never migrated."""
+        if self.dialect == "sqlite":
+            exists = "SELECT COUNT(*) FROM sqlite_master WHERE name = 'schema_migrations'"
+        else:
+            exists = (
+                "SELECT COUNT(*) FROM information_schema.tables"
+                " WHERE table_schema = current_schema() AND table_name = 'schema_migrations'"
+            )
+        with self.reading() as cursor:
+            cursor.execute(exists)
+            if not cursor.fetchone()[0]:
+                return None
+            cursor.execute("SELECT MAX(version) FROM schema_migrations")
+            return cursor.fetchone()[0]
