@@ -1,14 +1,20 @@
 """Prometheus metrics shared by the web workers and the relay.
 
 Under gunicorn every worker is a process of its own, so prometheus_client runs in multiprocess
-mode: ``ks-collector serve`` points ``PROMETHEUS_MULTIPROC_DIR`` at a directory it empties at
-start, before any process imports this module, and ``/metrics`` merges the files found there.
-Outbox gauges are not counted by processes at all: they are read from the store at scrape time.
+mode: ``ks-collector serve`` (or ``ks-collector web`` run alone) points
+``PROMETHEUS_MULTIPROC_DIR`` at a directory it empties at start, before any process imports this
+module; every worker and the relay write their counters there and ``/metrics`` merges them.
+Outbox gauges are not counted by processes at all: they are read from the store at scrape time,
+so every web machine reports the same, whole-outbox values.
+
+A relay started alone (``ks-collector relay`` on a machine of its own) has no web server to
+export its counters; its work still shows in the outbox gauges of any web machine's /metrics.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -17,7 +23,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 if TYPE_CHECKING:
     from .store import AttemptResult, SqlStore
@@ -34,7 +40,9 @@ EVENTS_REFUSED = Counter(
     "ks_events_refused", "Requests refused before reaching the outbox.", ["source", "reason"]
 )
 RELAY_ATTEMPTS = Counter(
-    "ks_relay_attempts", "Calls to Kuaishou by outcome.", ["event_type", "outcome"]
+    "ks_relay_attempts",
+    "Calls to Kuaishou by outcome: delivered, rejected, transient (retried later) or dead.",
+    ["event_type", "outcome"],
 )
 UPSTREAM_LATENCY = Histogram(
     "ks_upstream_latency_seconds",
@@ -49,8 +57,13 @@ DELIVERY_LATENCY = Histogram(
 
 
 def record_attempt(event_type_name: str, result: AttemptResult) -> None:
+    """Count one finished call to Kuaishou.
+
+    The ``event_type`` label is the event's code, as on ``ks_events_received``, so the two can
+    be joined in a query; ``event_type_name`` is only what the relay logs.
+    """
     outcome = "dead" if result.dead else result.outcome.value
-    RELAY_ATTEMPTS.labels(event_type_name, outcome).inc()
+    RELAY_ATTEMPTS.labels(str(result.event.event_type), outcome).inc()
     UPSTREAM_LATENCY.observe(result.latency_ms / 1000)
     if outcome == "delivered":
         DELIVERY_LATENCY.observe(max(0, result.at_ms - result.event.age_base_ms) / 1000)
@@ -62,7 +75,7 @@ class OutboxCollector:
     def __init__(self, store: SqlStore):
         self.store = store
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         from .store import StoreUnavailable
         from .validation import now_ms
 
@@ -72,7 +85,10 @@ class OutboxCollector:
             dead = self.store.count_status("dead")
             beat = self.store.latest_heartbeat_ms()
         except StoreUnavailable:
+            # The outbox gauges are left out rather than reported as zeros that look healthy.
+            yield GaugeMetricFamily("ks_store_up", "1 if the store answered this scrape.", 0)
             return
+        yield GaugeMetricFamily("ks_store_up", "1 if the store answered this scrape.", 1)
         yield GaugeMetricFamily("ks_outbox_pending", "Events not yet delivered.", pending)
         yield GaugeMetricFamily(
             "ks_outbox_oldest_pending_age_seconds",

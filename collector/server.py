@@ -95,6 +95,20 @@ def _child_exit(server: Any, worker: Any) -> None:
 
 def run_web(bind: str, workers: int, threads: int) -> None:
     """Run gunicorn in this process until it is told to stop."""
+    own_metrics_dir = None
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Run alone, not under `serve`: without a shared directory each worker would count for
+        # itself and /metrics would show whichever worker answered the scrape.
+        own_metrics_dir = prepare_metrics_dir(Config.from_env())
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = own_metrics_dir
+    try:
+        _run_gunicorn(bind, workers, threads)
+    finally:
+        if own_metrics_dir and not Config.from_env().metrics_dir:
+            shutil.rmtree(own_metrics_dir, ignore_errors=True)
+
+
+def _run_gunicorn(bind: str, workers: int, threads: int) -> None:
     GunicornApp(
         {
             "bind": bind,
@@ -103,6 +117,8 @@ def run_web(bind: str, workers: int, threads: int) -> None:
             "worker_class": "gthread" if threads > 1 else "sync",
             "accesslog": None,
             "errorlog": "-",
+            # gunicorn's own messages in the collector's format (one JSON object per line too).
+            "logger_class": "collector.logs.GunicornLogger",
             "graceful_timeout": 20,
             "timeout": 30,
             "keepalive": 5,

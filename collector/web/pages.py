@@ -62,9 +62,21 @@ def demo_thanks() -> str:
     return render_template("demo_thanks.html", lead_callback=request.form.get("ks_callback"))
 
 
+def relay_heartbeat_problem(beat_ms: int | None, now: int) -> str | None:
+    """Why the relays look absent (for /readyz and ``ks-collector check``), or None if fresh."""
+    if beat_ms is None:
+        return "no relay heartbeat yet: is a relay running against this store?"
+    if now - beat_ms >= RELAY_HEARTBEAT_STALE_MS:
+        return f"no relay heartbeat in the last {RELAY_HEARTBEAT_STALE_MS // 1000} s"
+    return None
+
+
 @blueprint.route("/healthz")
 def healthz() -> Response:
-    return json_response(200, status="ok")
+    """The process is up and answering; says nothing about the store or the relay."""
+    response = json_response(200, status="ok")
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 @blueprint.route("/readyz")
@@ -75,19 +87,21 @@ def readyz() -> Response:
     try:
         store.check_writable()
         checks["store"] = "ok"
-        beat = store.latest_heartbeat_ms()
-        fresh = beat is not None and now_ms() - beat < RELAY_HEARTBEAT_STALE_MS
-        checks["relay"] = "ok" if fresh else "no relay heartbeat in the last 30 s"
+        checks["relay"] = relay_heartbeat_problem(store.latest_heartbeat_ms(), now_ms()) or "ok"
     except StoreUnavailable as error:
         checks["store"] = f"unavailable: {error}"
         checks["relay"] = "unknown"
     ready = all(value == "ok" for value in checks.values())
-    return json_response(
+    response = json_response(
         200 if ready else 503, status="ready" if ready else "not ready", checks=checks
     )
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 @blueprint.route("/metrics")
 def metrics_endpoint() -> Response:
     body = metrics.render(current_app.config["KS_STORE"])
-    return Response(body, mimetype="text/plain; version=0.0.4")
+    response = Response(body, mimetype="text/plain; version=0.0.4")
+    response.headers["Cache-Control"] = "no-store"
+    return response
