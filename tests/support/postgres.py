@@ -15,12 +15,14 @@ from __future__ import annotations
 import atexit
 import itertools
 import os
+import pwd
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
+
+from tests.support.processes import free_port
 
 # Where Debian puts each major version's server binaries.
 DEBIAN_POSTGRES_GLOB = "/usr/lib/postgresql/*/bin"
@@ -50,12 +52,6 @@ def find_bin_dir() -> Path:
     if not candidates:
         raise PostgresUnavailable(INSTALL_HINT)
     return max(candidates)[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class PostgresCluster:
@@ -114,7 +110,7 @@ class PostgresCluster:
 
         atexit.register(self.stop)
         for attempt in range(3):
-            self.port = _free_port()
+            self.port = free_port()
             try:
                 self._server_command(
                     "pg_ctl",
@@ -165,7 +161,7 @@ class PostgresCluster:
 
     def execute(self, sql: str, database: str = DEFAULT_DATABASE) -> None:
         """Run one statement outside a transaction (CREATE/DROP DATABASE need that)."""
-        import psycopg
+        import psycopg  # here, so SQLite-only runs need no PostgreSQL driver
 
         with psycopg.connect(self.url(database), autocommit=True, connect_timeout=10) as conn:
             conn.execute(sql)
@@ -195,8 +191,6 @@ class PostgresCluster:
                 "running as root needs `runuser` (util-linux) to drop to the postgres user"
             )
         try:
-            import pwd
-
             pwd.getpwnam("postgres")
         except KeyError:
             raise PostgresUnavailable(

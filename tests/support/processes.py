@@ -23,7 +23,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -64,8 +66,6 @@ class HarnessError(AssertionError):
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (callers retry if it is taken)."""
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -108,8 +108,6 @@ def cli_command() -> list[str]:
     beside_python = Path(sys.executable).with_name("ks-collector")
     if beside_python.is_file() and os.access(beside_python, os.X_OK):
         return [str(beside_python)]
-    import shutil
-
     on_path = shutil.which("ks-collector")
     if on_path:
         return [on_path]
@@ -420,7 +418,8 @@ class HttpProcess(ManagedProcess):
                 wait_for_http(self.url + "/healthz", timeout, process=self)
                 return self
             except HarnessError:
-                port_taken = "Address already in use" in self.log_text()
+                log = self.log_text()
+                port_taken = "Address already in use" in log or "Connection in use" in log
                 self.kill()
                 if not port_taken or attempt == 2:
                     raise
