@@ -143,6 +143,22 @@ def test_fail_first_n_then_ok(mock_kuaishou):
     assert statuses == [503, 503, 200, 200]
 
 
+def test_a_new_mode_without_fail_first_n_applies_to_every_call(mock_kuaishou):
+    mock_kuaishou.set_mode("http_503", fail_first_n=1)
+    mock_kuaishou.set_mode("http_500")
+
+    assert [call(mock_kuaishou).status_code for _ in range(2)] == [500, 500]
+
+
+def test_changing_latency_keeps_the_fail_first_n_count(mock_kuaishou):
+    mock_kuaishou.set_mode("http_503", fail_first_n=1)
+    assert call(mock_kuaishou).status_code == 503
+
+    mock_kuaishou.set_mode(latency_ms=1)
+
+    assert call(mock_kuaishou).status_code == 200
+
+
 def test_callback_prefix_override_wins_over_the_mode(mock_kuaishou):
     mock_kuaishou.set_mode("ok", callback_modes={"BAD": "decode_failure"})
 

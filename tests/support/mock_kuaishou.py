@@ -188,10 +188,17 @@ class MockKuaishouApp:
         return self._behaviour
 
     def configure(self, **changes: Any) -> Behaviour:
-        """Change the behaviour (see ``Behaviour``); restarts the ``fail_first_n`` count."""
+        """Change only the given settings (see ``Behaviour``).
+
+        A new ``mode`` without ``fail_first_n`` applies to every call; giving either one
+        restarts the ``fail_first_n`` count.
+        """
+        if "mode" in changes:
+            changes.setdefault("fail_first_n", None)
         with self._lock:
             self._behaviour = self._behaviour.changed(**changes)
-            self._failures_left = self._behaviour.fail_first_n
+            if "fail_first_n" in changes:
+                self._failures_left = self._behaviour.fail_first_n
             return self._behaviour
 
     def reset(self) -> None:
@@ -515,8 +522,8 @@ class MockKuaishou:
     def set_mode(self, mode: str | None = None, **changes: Any) -> Behaviour:
         """Change how calls are answered, e.g. ``set_mode("http_429", retry_after=30)``.
 
-        Only the given settings change (see ``Behaviour``); giving ``fail_first_n`` (or a mode)
-        restarts its count.
+        Only the given settings change (see ``Behaviour``); a mode given without
+        ``fail_first_n`` applies to every call.
         """
         if mode is not None:
             changes["mode"] = mode
