@@ -20,6 +20,7 @@ its descendants inherit, and the harness finds them by that tag in ``/proc/PID/e
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import os
@@ -540,3 +541,7 @@ def kill_all(processes: Sequence[ManagedProcess] | None = None) -> list[ManagedP
             killed.append(process)
         process.kill()
     return killed
+
+
+# Scripts that use the harness outside pytest (benchmarks) get the same promise at exit.
+atexit.register(kill_all)
