@@ -5,6 +5,8 @@
 - ``postgres_server``: one throwaway PostgreSQL cluster for the session (started on first use).
 - ``postgres_url``: a fresh, empty database on it for each test, dropped afterwards.
 - ``database_url``: runs the test twice, once on SQLite and once on PostgreSQL.
+- ``browser``: one headless Chromium for the session (Playwright allows one sync driver per
+  process, so every browser test shares this one).
 
 Every ``ks-collector`` subprocess a test starts through ``tests.support.processes`` is SIGKILLed
 (with its whole process group) when the test ends, pass or fail, and a failed test's report ends
@@ -17,8 +19,10 @@ import signal
 from collections.abc import Iterator
 
 import pytest
+from playwright.sync_api import Browser
 
 from tests.support import processes
+from tests.support.browser import chromium
 from tests.support.mock_kuaishou import MockKuaishou
 from tests.support.postgres import PostgresCluster, PostgresUnavailable
 
@@ -100,3 +104,9 @@ def postgres_url(postgres_server: PostgresCluster, request: pytest.FixtureReques
 def database_url(request: pytest.FixtureRequest) -> str:
     fixture = "sqlite_url" if request.param == "sqlite" else "postgres_url"
     return request.getfixturevalue(fixture)
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Browser]:
+    with chromium() as launched:
+        yield launched

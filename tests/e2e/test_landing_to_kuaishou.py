@@ -15,7 +15,6 @@ from urllib.parse import quote
 import pytest
 from playwright.sync_api import Browser, Page
 
-from tests.support.browser import chromium
 from tests.support.mock_kuaishou import MockKuaishou
 from tests.support.processes import CollectorServer
 
@@ -78,12 +77,6 @@ class LandingSite:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with chromium() as launched:
-        yield launched
 
 
 @pytest.fixture
