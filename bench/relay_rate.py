@@ -1,0 +1,193 @@
+"""Relay: deliveries per second of ONE ``ks-collector relay`` process draining a full outbox.
+
+The store is filled with ``events`` pending conversions first; the relay is then started against
+the mock Kuaishou (a process of its own, answering after ``latency_ms``). The rate counts from
+the mock's first call to the moment the store shows every event delivered, so it includes
+claiming, sending and recording each outcome, and excludes the relay's start-up.
+
+The baseline is the same HTTP client the relay uses (a ``requests`` session with one pooled
+connection per thread), calling the same mock from as many threads as the relay keeps requests
+in flight, with no store at all: the most one process could deliver through that mock.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from bench import profiling
+from bench.services import MockUpstream
+from collector.config import Config
+from collector.store import open_store
+from collector.validation import Conversion, now_ms
+from tests.support.processes import RelayProcess, run_cli
+
+# Conversions committed per transaction while filling the outbox.
+PRELOAD_BATCH = 500
+
+# Event type of the preloaded conversions: 3, a purchase, sent with its amount like the real ones.
+PRELOAD_EVENT_TYPE = 3
+
+
+@dataclass(frozen=True)
+class RelayFigures:
+    latency_ms: float
+    events: int
+    seconds: float
+    upstream_calls: int
+    duplicate_callbacks: int
+    baseline_rate: float  # the HTTP client alone against the same mock
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.seconds if self.seconds else 0.0
+
+
+def preload(database_url: str, events: int) -> None:
+    """Commit ``events`` pending conversions, each with its own click id."""
+    store = open_store(database_url)
+    run = uuid.uuid4().hex[:8]
+    try:
+        for first in range(0, events, PRELOAD_BATCH):
+            at = now_ms()
+            batch = [
+                Conversion(
+                    event_type=PRELOAD_EVENT_TYPE,
+                    callback=f"relay-{run}-{number}",
+                    event_time_ms=at,
+                    received_at_ms=at,
+                    source="api",
+                    event_id=f"relay-{run}-{number}",
+                    params={"purchase_amount": "9.90"},
+                )
+                for number in range(first, min(events, first + PRELOAD_BATCH))
+            ]
+            store.add_conversions(batch, frozenset())
+    finally:
+        store.close()
+
+
+def delivered_count(database_url: str) -> int:
+    store = open_store(database_url)
+    try:
+        with store.reading() as cursor:
+            cursor.execute("SELECT COUNT(*) FROM events WHERE status = 'delivered'")
+            return int(cursor.fetchone()[0])
+    finally:
+        store.close()
+
+
+def measure_relay(
+    database_url: str,
+    *,
+    latency_ms: float,
+    events: int,
+    baseline_seconds: float,
+    env: dict[str, str],
+    log_dir: Path,
+    profile_dir: Path | None,
+) -> tuple[RelayFigures, str]:
+    """Fill the outbox, let one relay drain it, and measure the client alone on the same mock."""
+    mock = MockUpstream(log_dir, latency_ms=latency_ms).start()
+    profile = ""
+    try:
+        run_cli(["migrate"], env, database_url=database_url)
+        preload(database_url, events)
+        relay = RelayProcess(
+            env, database_url=database_url, upstream_url=mock.url, log_dir=log_dir
+        ).start()
+        try:
+            first_call = _wait_for_first_call(mock, relay)
+            recording = None
+            if profile_dir is not None:
+                recording = profiling.record(
+                    f"relay {latency_ms:g} ms upstream",
+                    relay.pid,
+                    min(10.0, events / 2000),
+                    profile_dir,
+                    subprocesses=False,
+                )
+            finished = _wait_until_delivered(database_url, events, relay)
+            if recording is not None:
+                profile = recording.finish()
+        finally:
+            relay.terminate(check=False)
+        stats = mock.stats()
+        concurrency = Config.from_env(env).relay_concurrency
+        baseline = client_alone_rate(mock.url, concurrency, baseline_seconds)
+    finally:
+        mock.stop()
+    figures = RelayFigures(
+        latency_ms=latency_ms,
+        events=events,
+        seconds=finished - first_call,
+        upstream_calls=int(stats["count"]),
+        duplicate_callbacks=len(stats["duplicate_callbacks"]),
+        baseline_rate=baseline,
+    )
+    return figures, profile
+
+
+def _wait_for_first_call(mock: MockUpstream, relay: RelayProcess) -> float:
+    deadline = time.monotonic() + 60
+    while mock.stats()["count"] == 0:
+        if relay.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the relay sent nothing:\n{relay.log_tail()}")
+        time.sleep(0.01)
+    return time.monotonic()
+
+
+def _wait_until_delivered(database_url: str, events: int, relay: RelayProcess) -> float:
+    # Generous: even 100 deliveries a second finishes well within it.
+    deadline = time.monotonic() + 60 + events / 100
+    while delivered_count(database_url) < events:
+        if relay.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(
+                f"{delivered_count(database_url)} of {events} delivered:\n{relay.log_tail()}"
+            )
+        time.sleep(0.05)
+    return time.monotonic()
+
+
+def client_alone_rate(upstream_url: str, threads: int, seconds: float) -> float:
+    """Calls per second ``threads`` threads make through one pooled ``requests`` session."""
+    session = requests.Session()
+    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=threads, max_retries=0)
+    session.mount("http://", adapter)
+    stop_at = time.monotonic() + seconds
+    calls = [0] * threads
+    failed = threading.Event()
+
+    def call_repeatedly(slot: int) -> None:
+        number = 0
+        while time.monotonic() < stop_at:
+            number += 1
+            response = session.get(
+                upstream_url,
+                params={
+                    "callback": f"baseline-{slot}-{number}",
+                    "event_type": str(PRELOAD_EVENT_TYPE),
+                    "event_time": str(now_ms()),
+                    "purchase_amount": "9.90",
+                },
+                timeout=10,
+            )
+            if response.status_code != 200:
+                failed.set()
+            calls[slot] += 1
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(call_repeatedly, range(threads)))
+    elapsed = time.monotonic() - started
+    session.close()
+    if failed.is_set():
+        raise RuntimeError("the mock answered the baseline client with a non-200 status")
+    return sum(calls) / elapsed
