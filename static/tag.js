@@ -1,0 +1,261 @@
+/* ks-collector tag: keeps the Kuaishou click id (callback) and reports conversions. */
+(function (window, document) {
+  var previous = window.kstag;
+  if (previous && previous.loaded) return;
+
+  // Options
+
+  var script = document.currentScript || lastTagScript();
+  var endpoint = (option('data-endpoint') || scriptOrigin()).replace(/\/+$/, '') + '/collect';
+  var ttlDays = +option('data-ttl-days');
+  var ttl = (ttlDays > 0 ? ttlDays : 7) * 864e5;
+  var fieldName = option('data-field-name') || 'ks_callback';
+
+  var CALLBACK_KEY = 'ks_cb';
+  var QUEUE_KEY = 'ks_q';
+  var QUEUE_SIZE = 20;
+  var QUEUE_AGE = 864e5;
+  var SEND_LIMIT = 5;
+  var MACRO = /^__[A-Z0-9_]+__$/;
+
+  // Helpers
+
+  function lastTagScript() {
+    var scripts = document.scripts;
+    for (var i = scripts.length - 1; i >= 0; i--) {
+      if (/\/tag\.js$/.test(scripts[i].src)) return scripts[i];
+    }
+  }
+
+  function option(name) {
+    return script && script.getAttribute(name);
+  }
+
+  function scriptOrigin() {
+    return script ? script.src.split('/').slice(0, 3).join('/') : '';
+  }
+
+  function now() {
+    return Date.now();
+  }
+
+  function randomId() {
+    var id = '', bytes;
+    try {
+      bytes = crypto.getRandomValues(new Uint8Array(16));
+    } catch (e) {}
+    for (var i = 0; i < 16; i++) {
+      id += ((bytes ? bytes[i] : Math.random() * 256) + 256 | 0).toString(16).slice(1);
+    }
+    return id;
+  }
+
+  function marked(node, name) {
+    for (; node; node = node.parentNode) {
+      if (node.nodeType === 1 && node.hasAttribute(name)) return node;
+    }
+  }
+
+  // Storage: localStorage, else a first-party cookie, else this page view's memory.
+  // Private modes, disabled cookies and sandboxed iframes make these accesses throw.
+
+  var memory = {};
+
+  function load(key) {
+    try {
+      var value = localStorage.getItem(key);
+      if (value != null) return value;
+    } catch (e) {}
+    try {
+      var match = document.cookie.match('(?:^|; )' + key + '=([^;]*)');
+      if (match) return decodeURIComponent(match[1]);
+    } catch (e) {}
+    return memory[key];
+  }
+
+  // Only values given a maxAge (seconds) may go to a cookie: the queue is too big for one.
+  function save(key, value, maxAge) {
+    memory[key] = value;
+    try {
+      localStorage.setItem(key, value);
+    } catch (e) {
+      try {
+        if (maxAge) {
+          document.cookie = key + '=' + encodeURIComponent(value) + '; path=/; max-age=' + maxAge;
+        }
+      } catch (e2) {}
+    }
+  }
+
+  // Click id
+
+  function urlCallback() {
+    var pattern = /[?&#]callback=([^&#]*)/g;
+    var text = location.search + location.hash;
+    var match, value;
+    while ((match = pattern.exec(text))) {
+      // Decoded once, and without turning '+' into a space: click ids carry a raw '+'.
+      try {
+        value = decodeURIComponent(match[1]);
+      } catch (e) {
+        value = match[1];
+      }
+      if (value && !MACRO.test(value)) return value;
+    }
+  }
+
+  function storedCallback() {
+    try {
+      var saved = JSON.parse(load(CALLBACK_KEY));
+      if (saved[1] > now()) return saved[0];
+    } catch (e) {}
+  }
+
+  // Sending and the retry queue. A queued item is {e: event, t: time of the action,
+  // n: sends so far, b: 1 once sent blind (by beacon or image, whose answer is unseen)}.
+
+  function pending() {
+    try {
+      return JSON.parse(load(QUEUE_KEY)).filter(function (item) {
+        return now() - item.t < QUEUE_AGE && item.n < (item.b ? 2 : SEND_LIMIT);
+      });
+    } catch (e) {
+      return [];
+    }
+  }
+
+  function saveQueue(items) {
+    save(QUEUE_KEY, JSON.stringify(items.slice(-QUEUE_SIZE)));
+  }
+
+  function forget(id) {
+    saveQueue(pending().filter(function (item) {
+      return item.e.id !== id;
+    }));
+  }
+
+  // The caller saves the queue after this returns, so the new count and blind flag are kept.
+  function send(item) {
+    var event = item.e;
+    // The first send is the action itself; a re-send says how long ago the action was.
+    event.age_ms = item.n ? Math.max(0, now() - item.t) : 0;
+    item.n++;
+    var body = JSON.stringify(event);
+
+    // A string body makes this a CORS simple request (text/plain): no preflight.
+    try {
+      fetch(endpoint, {
+        method: 'POST', body: body, keepalive: true, mode: 'cors', credentials: 'omit',
+        referrerPolicy: 'no-referrer'
+      }).then(function (response) {
+        // 2xx is committed; any other 4xx but 408 and 429 can never be accepted.
+        if (/^(2|4(?!08|29))/.test(response.status)) forget(event.id);
+      }, function () {});
+      return;
+    } catch (e) {}
+
+    // Neither of these shows the answer: the next page load sends the event once more.
+    item.b = 1;
+    try {
+      if (navigator.sendBeacon(endpoint, body)) return;
+    } catch (e) {}
+    try {
+      var image = new Image();
+      image.referrerPolicy = 'no-referrer';
+      image.src = endpoint + '?d=' + encodeURIComponent(body);
+    } catch (e) {}
+  }
+
+  function flush() {
+    var items = pending();
+    for (var i = 0; i < items.length; i++) send(items[i]);
+    saveQueue(items);
+  }
+
+  function track(type, props) {
+    if (!callback || type == null || type === '') return;
+
+    var event = {v: 1, id: randomId(), type: '' + type, callback: callback, age_ms: 0};
+    var leadId = props && props.lead_id != null ? String(props.lead_id) : '';
+    if (leadId && leadId.length <= 128) event.lead_id = leadId;
+
+    var item = {e: event, t: now(), n: 0};
+    var items = pending();
+    items.push(item);
+    send(item);
+    saveQueue(items);
+  }
+
+  // Page events
+
+  function fillField(form) {
+    var input = form.querySelector('input[name="' + fieldName + '"]');
+    if (!input) {
+      input = document.createElement('input');
+      input.type = 'hidden';
+      input.name = fieldName;
+      form.appendChild(input);
+    }
+    input.value = callback;
+  }
+
+  function fillForms() {
+    for (var i = 0; i < document.forms.length; i++) fillField(document.forms[i]);
+  }
+
+  var wechatCopied = false;
+
+  function wechatCopy(node) {
+    if (!wechatCopied && marked(node, 'data-ks-wechat')) {
+      wechatCopied = true;
+      track('wechat_copy');
+    }
+  }
+
+  function listen() {
+    // Capture phase: forms and buttons whose own handlers stop propagation still count.
+    document.addEventListener('submit', function (e) {
+      fillField(e.target);
+      track('form');
+    }, true);
+
+    document.addEventListener('click', function (e) {
+      var tracked = marked(e.target, 'data-ks-track');
+      if (tracked) track(tracked.getAttribute('data-ks-track'));
+      wechatCopy(e.target);
+    }, true);
+
+    // Chromium and WebKit aim copy at the element where the selection starts (or the input).
+    document.addEventListener('copy', function (e) {
+      wechatCopy(e.target);
+    }, true);
+
+    fillForms();
+    try {
+      new MutationObserver(fillForms).observe(document.documentElement, {
+        childList: true, subtree: true
+      });
+    } catch (e) {}
+  }
+
+  // Start
+
+  var fromUrl = urlCallback();
+  var stored = storedCallback();
+  var callback = fromUrl || stored;
+  if (fromUrl) save(CALLBACK_KEY, JSON.stringify([fromUrl, now() + ttl]), ttl / 1e3 | 0);
+
+  function kstag(command, type, props) {
+    if (command === 'track') track(type, props);
+  }
+  kstag.loaded = true;
+  window.kstag = kstag;
+
+  flush();
+  if (fromUrl && fromUrl !== stored) track('landing');
+  var calls = previous && previous.q || [];
+  for (var i = 0; i < calls.length; i++) kstag.apply(null, calls[i]);
+
+  if (callback) listen();
+  window.addEventListener('online', flush);
+})(window, document);
