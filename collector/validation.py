@@ -12,11 +12,11 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
-from typing import Any
+from decimal import Decimal
+from typing import Any, ClassVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
+from marshmallow import RAISE, Schema, ValidationError, fields, validate
 
 from . import catalog
 
@@ -34,7 +34,14 @@ MAX_AMOUNT_YUAN = Decimal("100000000")
 _MACRO = re.compile(r"^__[A-Z0-9_]+__$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _EVENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_EVENT_ID_RULE = "must be 1 to 128 letters, digits or . _ : -"
 _DIGITS = re.compile(r"^[0-9]+$")
+_INTEGER = re.compile(r"^-?[0-9]{1,12}$")
+# A plain decimal as people write amounts: no exponent, no digit separators, no hex.
+_DECIMAL = re.compile(r"^-?([0-9]+(\.[0-9]*)?|\.[0-9]+)$")
+# A double as Kuaishou's predicted values may be written: a decimal, optionally with an exponent.
+_FLOAT = re.compile(r"^-?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?$")
+_NOT_FINITE = frozenset({"nan", "snan", "inf", "infinity"})
 
 
 @dataclass
@@ -85,7 +92,7 @@ def normalize_callback(raw: Any) -> str:
 
 
 def _callback_inside_url(value: str) -> str | None:
-    lowered = value[:12].lower()
+    lowered = value[:16].lower()
     if lowered.startswith(("http%3a%2f%2f", "https%3a%2f%2f")):
         value = unquote(value)
     elif not lowered.startswith(("http://", "https://")):
@@ -95,30 +102,40 @@ def _callback_inside_url(value: str) -> str | None:
     return values[0] if values else None
 
 
+def _number_text(raw: Any, pattern: re.Pattern[str], example: str) -> str:
+    """A JSON number or a numeric string as text, refused unless it is a finite number."""
+    wrong = f"must be a number, e.g. {example}"
+    if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+        raise ValidationError(wrong)
+    if isinstance(raw, float) and not math.isfinite(raw):
+        raise ValidationError("must be a finite number")
+    text = str(raw).strip()
+    if isinstance(raw, str):
+        if text.lower().lstrip("+-") in _NOT_FINITE:
+            raise ValidationError("must be a finite number")
+        if not pattern.match(text):
+            raise ValidationError(wrong)
+    return text
+
+
 def parse_amount(raw: Any) -> str:
     """Yuan as a number or numeric string → the two-decimal text Kuaishou expects (9.9 → 9.90)."""
-    if isinstance(raw, bool) or not isinstance(raw, int | float | str):
-        raise ValidationError('must be a number of yuan, e.g. 9.9 or "9.90"')
-    try:
-        amount = Decimal(str(raw).strip())
-    except InvalidOperation:
-        raise ValidationError('must be a number of yuan, e.g. 9.9 or "9.90"') from None
-    if not amount.is_finite():
-        raise ValidationError("must be a finite number")
+    amount = Decimal(_number_text(raw, _DECIMAL, '9.9 or "9.90" (yuan)'))
     if amount < 0:
         raise ValidationError("must not be negative")
     if amount > MAX_AMOUNT_YUAN:
         raise ValidationError(f"must be at most {MAX_AMOUNT_YUAN} yuan")
     if amount != amount.quantize(Decimal("0.01")):
         raise ValidationError("has more than two decimals (the unit is yuan, not fen)")
-    return f"{amount:.2f}"
+    # Adding zero turns -0 into 0, so "-0" is relayed as 0.00 rather than -0.00.
+    return f"{amount + 0:.2f}"
 
 
 def parse_integer(raw: Any, low: int, high: int) -> int:
     """An integer or a string of digits, within ``low``..``high``."""
     if isinstance(raw, bool):
         raise ValidationError("must be an integer")
-    if isinstance(raw, str) and _DIGITS.match(raw.strip()) and len(raw.strip()) <= 12:
+    if isinstance(raw, str) and _INTEGER.match(raw.strip()):
         raw = int(raw.strip())
     if isinstance(raw, float) and raw.is_integer():
         raw = int(raw)
@@ -129,19 +146,23 @@ def parse_integer(raw: Any, low: int, high: int) -> int:
     return raw
 
 
-def parse_finite(raw: Any, low: float | None = None, high: float | None = None) -> str:
-    """A finite number (or numeric string) within bounds, as the text the relay sends."""
-    if isinstance(raw, bool) or not isinstance(raw, int | float | str):
-        raise ValidationError("must be a number")
+def parse_finite(raw: Any, low: float, high: float) -> str:
+    """A finite number (or numeric string) within bounds, as the text the relay sends.
+
+    The text is canonical whatever the caller wrote: ``"1e3"`` and ``1000.0`` leave as ``1000``,
+    ``".25"`` as ``0.25``.
+    """
     try:
-        number = float(raw)
-    except (ValueError, OverflowError):
-        raise ValidationError("must be a number") from None
-    if not math.isfinite(number):
+        number = float(_number_text(raw, _FLOAT, '0.25 or "0.25"'))
+    except OverflowError:
+        raise ValidationError("must be a finite number") from None
+    if not math.isfinite(number):  # a string such as "1e999"
         raise ValidationError("must be a finite number")
-    if (low is not None and number < low) or (high is not None and number > high):
-        raise ValidationError(f"must be between {low} and {high}")
-    return repr(number) if isinstance(raw, float) else str(raw).strip()
+    if not low <= number <= high:
+        raise ValidationError(f"must be between {low:g} and {high:g}")
+    if number.is_integer():
+        return str(int(number))
+    return repr(number)
 
 
 def parse_text(raw: Any, max_length: int) -> str:
@@ -199,7 +220,10 @@ def parse_event_time(raw: Any, received_at_ms: int, max_age_ms: int) -> int:
         raise ValidationError("is more than 5 minutes in the future; check the sender's clock")
     if event_time < received_at_ms - max_age_ms:
         days = max_age_ms / 86_400_000
-        raise ValidationError(f"is more than {days:g} days old; Kuaishou no longer attributes it")
+        raise ValidationError(
+            f"is more than {days:g} days old (KS_COLLECTOR_MAX_EVENT_AGE_DAYS); "
+            "a conversion this late is not relayed"
+        )
     return event_time
 
 
@@ -229,7 +253,8 @@ def check_parameters(event_type: catalog.EventType, data: dict[str, Any]) -> dic
             params[name] = PARAMETER_PARSERS[name](data[name])
         except ValidationError as error:
             errors[name] = error.messages if isinstance(error.messages, list) else [str(error)]
-    if "connection_server" in params and "server_type" not in params:
+    sent = {name for name in catalog.KUAISHOU_PARAMETERS if data.get(name) is not None}
+    if "connection_server" in sent and "server_type" not in sent:
         errors.setdefault("server_type", []).append("is required when connection_server is sent")
     if errors:
         raise ValidationError(errors)
@@ -241,6 +266,10 @@ def check_parameters(event_type: catalog.EventType, data: dict[str, Any]) -> dic
 
 
 class _StrictSchema(Schema):
+    """Fields not declared are refused by name rather than silently dropped."""
+
+    error_messages: ClassVar[dict[str, str]] = {"unknown": "is not a field this endpoint accepts"}
+
     class Meta:
         unknown = RAISE
 
@@ -249,59 +278,143 @@ class TagEventSchema(_StrictSchema):
     """A beacon from static/tag.js (docs/tag-protocol.md)."""
 
     v = fields.Integer(strict=True, validate=validate.Equal(1))
-    id = fields.String(required=True, validate=validate.Regexp(_EVENT_ID))
+    id = fields.String(required=True, validate=validate.Regexp(_EVENT_ID, error=_EVENT_ID_RULE))
     type = fields.Raw(required=True)
     callback = fields.Raw(required=True)
     age_ms = fields.Integer(strict=True, load_default=0, validate=validate.Range(0, MAX_TAG_AGE_MS))
     lead_id = fields.String(validate=validate.Length(1, 128))
 
 
+# OpenAPI shapes of the loosely typed fields below: numbers may also arrive as numeric strings.
+_INTEGER_OR_TEXT = [{"type": "integer"}, {"type": "string"}]
+_NUMBER_OR_TEXT = [{"type": "number"}, {"type": "string"}]
+
+
+def _parameter(description: str, shape: dict[str, Any]) -> fields.Raw:
+    """An optional field checked after loading (null counts as absent), described for OpenAPI."""
+    return fields.Raw(allow_none=True, metadata={"description": description, **shape})
+
+
+def _accepted_with(name: str) -> str:
+    codes = [str(event.code) for event in catalog.EVENT_TYPES if name in event.allowed]
+    if len(codes) == len(catalog.EVENT_TYPES):
+        return "accepted with every event type"
+    return "accepted with event type " + ", ".join(codes)
+
+
+_AMOUNT_REQUIRED = ", ".join(
+    str(event.code) for event in catalog.EVENT_TYPES if catalog.AMOUNT in event.required
+)
+
+
 class ApiEventSchema(_StrictSchema):
-    """One conversion from the advertiser's server: ``POST /api/v1/conversions``."""
+    """One conversion from the advertiser's server: ``POST /api/v1/conversions``.
+
+    Send exactly one of ``callback`` and ``lead_id``. The Kuaishou parameters are declared
+    loosely (numbers may be strings) and checked against the event type by ``check_parameters``.
+    """
 
     event_type = fields.Raw(
-        required=True, metadata={"description": 'Kuaishou code (3) or catalog name ("payment")'}
-    )
-    callback = fields.Raw(
-        metadata={"description": "the click id from the landing URL; or send lead_id instead"}
-    )
-    lead_id = fields.String(
-        validate=validate.Length(1, 128),
+        required=True,
+        error_messages={"required": "is required", "null": "is required"},
         metadata={
-            "description": "a lead id the tag reported with a form; resolved to its callback"
+            "description": 'Kuaishou code (3) or catalog name ("payment"); '
+            "see GET /api/v1/event-types",
+            "oneOf": [
+                {"type": "integer", "enum": [event.code for event in catalog.EVENT_TYPES]},
+                {
+                    "type": "string",
+                    "enum": [event.name for event in catalog.EVENT_TYPES]
+                    + [str(event.code) for event in catalog.EVENT_TYPES],
+                },
+            ],
         },
     )
-    event_time = fields.Raw(
+    callback = _parameter(
+        "the click id Kuaishou put on the landing URL, complete and unmodified (a whole "
+        "activate URL is unwrapped to its callback); or send lead_id instead",
+        {"type": "string", "minLength": 1, "maxLength": MAX_CALLBACK_BYTES},
+    )
+    lead_id = fields.String(
+        allow_none=True,
+        validate=validate.Length(1, 128),
         metadata={
-            "description": "13-digit Unix milliseconds; default: when the collector received it"
-        }
+            "description": "instead of callback: a lead id the tag reported with a form, "
+            "resolved to that form's click id"
+        },
+    )
+    event_time = _parameter(
+        "13-digit Unix milliseconds, at most 5 minutes ahead and KS_COLLECTOR_MAX_EVENT_AGE_DAYS "
+        "old; default: when the collector received the event",
+        {"oneOf": _INTEGER_OR_TEXT},
     )
     event_id = fields.String(
-        validate=validate.Regexp(_EVENT_ID),
-        metadata={"description": "idempotency key: an event_id seen before is answered duplicate"},
+        allow_none=True,
+        validate=validate.Regexp(_EVENT_ID, error=_EVENT_ID_RULE),
+        metadata={
+            "description": "idempotency key: an event_id seen before is answered duplicate "
+            "and not relayed again"
+        },
     )
-    purchase_amount = fields.Raw(metadata={"description": "yuan, at most two decimals"})
-    user_tags_age = fields.Raw()
-    ext_pred_ltv = fields.Raw()
-    ext_pred_pay_ratio = fields.Raw()
-    pay_level = fields.Raw(metadata={"description": "S, M or L"})
-    novel_chapter_num = fields.Raw()
-    key_action_category = fields.Raw()
-    key_action_threshold = fields.Raw()
-    action_reason = fields.Raw()
-    server_type = fields.Raw(metadata={"description": "1 dedicated, 2 mixed"})
-    connection_server = fields.Raw()
-
-    @validates_schema
-    def _callback_or_lead(self, data: dict[str, Any], **_: Any) -> None:
-        has_callback = data.get("callback") is not None
-        if has_callback == ("lead_id" in data):
-            raise ValidationError("send exactly one of callback or lead_id", "callback")
+    purchase_amount = _parameter(
+        f"yuan, at least 0, at most two decimals; relayed with two (9.9 → 9.90); required with "
+        f"event type {_AMOUNT_REQUIRED}; {_accepted_with(catalog.AMOUNT)}",
+        {"oneOf": _NUMBER_OR_TEXT},
+    )
+    user_tags_age = _parameter(
+        f"user age 0–150 (insurance); {_accepted_with('user_tags_age')}",
+        {"oneOf": _INTEGER_OR_TEXT},
+    )
+    ext_pred_ltv = _parameter(
+        f"predicted LTV, a finite number ≥ 0; {_accepted_with('ext_pred_ltv')}",
+        {"oneOf": _NUMBER_OR_TEXT},
+    )
+    ext_pred_pay_ratio = _parameter(
+        f"predicted pay ratio, 0–1; {_accepted_with('ext_pred_pay_ratio')}",
+        {"oneOf": _NUMBER_OR_TEXT},
+    )
+    pay_level = _parameter(
+        f"payer tier: S small, M medium, L large; {_accepted_with('pay_level')}",
+        {"type": "string", "enum": ["S", "M", "L"]},
+    )
+    novel_chapter_num = _parameter(
+        f"novel chapters read, 1–1000; {_accepted_with('novel_chapter_num')}",
+        {"oneOf": _INTEGER_OR_TEXT},
+    )
+    key_action_category = _parameter(
+        f"the kind of game key action; {_accepted_with('key_action_category')}",
+        {"type": "string", "maxLength": 64},
+    )
+    key_action_threshold = _parameter(
+        f"the count, amount or level the key action reached, ≥ 0; "
+        f"{_accepted_with('key_action_threshold')}",
+        {"oneOf": _NUMBER_OR_TEXT},
+    )
+    action_reason = _parameter(
+        f"reason code 1–5 (see the event type's note); {_accepted_with('action_reason')}",
+        {"oneOf": _INTEGER_OR_TEXT},
+    )
+    server_type = _parameter(
+        f"game server type: 1 dedicated, 2 mixed; required with connection_server; "
+        f"{_accepted_with('server_type')}",
+        {"oneOf": [{"type": "integer", "enum": [1, 2]}, {"type": "string", "enum": ["1", "2"]}]},
+    )
+    connection_server = _parameter(
+        f"the game server entered; {_accepted_with('connection_server')}",
+        {"type": "string", "maxLength": 128},
+    )
 
 
 class ApiBatchSchema(_StrictSchema):
+    """``{"events": [...]}``: each item is then validated on its own by ``validate_api_event``."""
+
     events = fields.List(
-        fields.Dict(), required=True, validate=validate.Length(1, MAX_BATCH_EVENTS)
+        fields.Raw(allow_none=True),  # null is refused per event, like any other non-object
+        required=True,
+        error_messages={"required": "is required"},
+        validate=validate.Length(
+            1, MAX_BATCH_EVENTS, error="must hold 1 to {max} events; split larger batches"
+        ),
     )
 
 
@@ -328,6 +441,14 @@ class EventRefused(Exception):
         self.errors = errors
 
 
+def batch_events(body: dict[str, Any]) -> list[Any]:
+    """The items of a ``{"events": [...]}`` body; raise ``EventRefused`` if it is no batch."""
+    try:
+        return ApiBatchSchema().load(body)["events"]
+    except ValidationError as error:
+        raise EventRefused(_field_errors(error)) from None
+
+
 def validate_api_event(
     body: Any, *, received_at_ms: int, max_age_ms: int, source: str = "api"
 ) -> Conversion:
@@ -340,25 +461,29 @@ def validate_api_event(
     except ValidationError as error:
         errors.update(_field_errors(error))
         data = {key: value for key, value in body.items() if key not in errors}
+    if body.get("callback") is None and body.get("lead_id") is None:
+        errors.setdefault("callback", []).append("is required (or send lead_id instead)")
+    elif body.get("callback") is not None and body.get("lead_id") is not None:
+        errors.setdefault("callback", []).append("send callback or lead_id, not both")
 
     event_type = None
     if "event_type" in data:
         try:
             event_type = resolve_event_type(data["event_type"])
         except ValidationError as error:
-            errors["event_type"] = error.messages
+            errors.setdefault("event_type", []).extend(error.messages)
     callback = None
     if data.get("callback") is not None:
         try:
             callback = normalize_callback(data["callback"])
         except ValidationError as error:
-            errors["callback"] = error.messages
+            errors.setdefault("callback", []).extend(error.messages)
     event_time = received_at_ms
     if data.get("event_time") is not None:
         try:
             event_time = parse_event_time(data["event_time"], received_at_ms, max_age_ms)
         except ValidationError as error:
-            errors["event_time"] = error.messages
+            errors.setdefault("event_time", []).extend(error.messages)
     params: dict[str, str] = {}
     if event_type is not None:
         try:
