@@ -2,7 +2,10 @@
 
 A batch is all-or-nothing: every event is validated (and every ``lead_id`` resolved) before any
 is written, and the accepted ones are committed in one transaction. A batch with one bad event
-is answered 422 and nothing of it is stored.
+is answered 422 and nothing of it is stored; a store that fails half-way rolls the whole batch
+back and is answered 503 (or 500). A duplicate is not an error: an event whose ``event_id`` is
+already stored, or a once-per-click event type already stored for its callback, is answered
+``duplicate`` (with the stored event's id) while the rest of the batch is committed.
 """
 
 from __future__ import annotations
@@ -13,12 +16,7 @@ import logging
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from .. import catalog, metrics
-from ..validation import (
-    ApiBatchSchema,
-    EventRefused,
-    now_ms,
-    validate_api_event,
-)
+from ..validation import EventRefused, batch_events, now_ms, validate_api_event
 from .http import BadBody, error_response, json_response, parse_json, read_body
 from .openapi import openapi_document
 
@@ -63,14 +61,13 @@ def post_conversions() -> Response:
     except BadBody as error:
         metrics.EVENTS_REFUSED.labels("api", "malformed").inc()
         error_response(400, "bad_body", str(error))
+    items = [body]
     if isinstance(body, dict) and "events" in body:
-        batch_errors = ApiBatchSchema().validate(body)
-        if batch_errors:
+        try:
+            items = batch_events(body)
+        except EventRefused as refused:
             metrics.EVENTS_REFUSED.labels("api", "invalid").inc()
-            error_response(422, "invalid_batch", "the batch was refused", fields=batch_errors)
-        items = body["events"]
-    else:
-        items = [body]
+            error_response(422, "invalid_batch", "the batch was refused", fields=refused.errors)
 
     max_age_ms = int(config.max_event_age_days * 86_400_000)
     conversions, problems = [], []

@@ -27,21 +27,37 @@ def openapi_document() -> dict:
         plugins=[MarshmallowPlugin()],
         info={
             "description": "Report Kuaishou conversions from your servers. Events are "
-            "committed before 202 is answered and relayed to Kuaishou."
+            "committed before 202 is answered, then relayed to Kuaishou. A batch is "
+            "all-or-nothing: one refused event refuses the batch and nothing of it is stored. "
+            "An event_id seen before, or a once-per-click event type already stored for its "
+            "callback, is answered duplicate and not relayed again."
         },
     )
     spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
     spec.components.schema("ConversionEvent", schema=ApiEventSchema)
     event_ref = {"$ref": "#/components/schemas/ConversionEvent"}
+    field_errors = {
+        "type": "object",
+        "description": "what is wrong, by field name",
+        "additionalProperties": {"type": "array", "items": {"type": "string"}},
+    }
     spec.components.schema(
         "Error",
         {
             "type": "object",
             "properties": {
-                "error": {"type": "string"},
+                "error": {"type": "string", "description": "a stable code, e.g. invalid_events"},
                 "message": {"type": "string"},
-                "fields": {"type": "object"},
-                "events": {"type": "array", "items": {"type": "object"}},
+                "fields": field_errors,
+                "events": {
+                    "type": "array",
+                    "description": "the refused events of a batch (422 invalid_events)",
+                    "items": {
+                        "type": "object",
+                        "properties": {"index": {"type": "integer"}, "errors": field_errors},
+                        "required": ["index", "errors"],
+                    },
+                },
             },
             "required": ["error", "message"],
         },
@@ -58,9 +74,13 @@ def openapi_document() -> dict:
                         "properties": {
                             "index": {"type": "integer"},
                             "status": {"type": "string", "enum": ["accepted", "duplicate"]},
-                            "id": {"type": "integer"},
+                            "id": {
+                                "type": "integer",
+                                "description": "the stored event (the earlier one if duplicate)",
+                            },
                             "event_id": {"type": "string"},
                         },
+                        "required": ["index", "status", "id", "event_id"],
                     },
                 }
             },
@@ -76,6 +96,12 @@ def openapi_document() -> dict:
                     "required": True,
                     "content": {
                         "application/json": {
+                            "example": {
+                                "event_type": "payment",
+                                "callback": "<the click id from the landing URL>",
+                                "purchase_amount": 9.9,
+                                "event_id": "order-10086",
+                            },
                             "schema": {
                                 "oneOf": [
                                     event_ref,
@@ -93,7 +119,7 @@ def openapi_document() -> dict:
                                         },
                                     },
                                 ]
-                            }
+                            },
                         }
                     },
                 },
@@ -113,6 +139,40 @@ def openapi_document() -> dict:
             }
         },
     )
+    names = {"type": "array", "items": {"type": "string"}}
+    spec.components.schema(
+        "EventType",
+        {
+            "type": "object",
+            "properties": {
+                "code": {"type": "integer", "description": "Kuaishou's event_type"},
+                "name": {"type": "string", "description": "accepted in place of the code"},
+                "label": {"type": "string"},
+                "industry": {"type": "string"},
+                "required_params": names,
+                "optional_params": names,
+                "once_per_callback": {
+                    "type": "boolean",
+                    "description": "relayed at most once per click id "
+                    "(KS_COLLECTOR_ONCE_PER_CALLBACK)",
+                },
+                "browser": {"type": "boolean", "description": "static/tag.js may report it"},
+                "note": {"type": "string"},
+            },
+            "required": [
+                "code",
+                "name",
+                "label",
+                "industry",
+                "required_params",
+                "optional_params",
+                "once_per_callback",
+                "browser",
+                "note",
+            ],
+            "additionalProperties": False,
+        },
+    )
     spec.path(
         path="/api/v1/event-types",
         operations={
@@ -121,7 +181,20 @@ def openapi_document() -> dict:
                 "responses": {
                     "200": {
                         "description": f"{len(catalog.EVENT_TYPES)} event types",
-                        "content": {"application/json": {"schema": {"type": "object"}}},
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {
+                                        "event_types": {
+                                            "type": "array",
+                                            "items": {"$ref": "#/components/schemas/EventType"},
+                                        }
+                                    },
+                                    "required": ["event_types"],
+                                }
+                            }
+                        },
                     }
                 },
             }
