@@ -213,12 +213,15 @@ def send(
             click.echo(f"{name}: {'; '.join(messages)}", err=True)
         raise click.ClickException("event refused") from None
     store = ctx.store
-    if conversion.callback is None:
-        known = store.resolve_leads([conversion.lead_id])
-        if conversion.lead_id not in known:
-            raise click.ClickException(f"lead_id {conversion.lead_id} is unknown")
-        conversion.callback = known[conversion.lead_id]
-    [result] = store.add_conversions([conversion], config.once_per_callback)
+    try:
+        if conversion.callback is None:
+            known = store.resolve_leads([conversion.lead_id])
+            if conversion.lead_id not in known:
+                raise click.ClickException(f"lead_id {conversion.lead_id} is unknown")
+            conversion.callback = known[conversion.lead_id]
+        [result] = store.add_conversions([conversion], config.once_per_callback)
+    except StoreUnavailable as error:
+        raise click.ClickException(f"event not queued: {error}") from None
     click.echo(f"{result.status}: event {result.id} ({result.event_id})")
 
 
@@ -238,7 +241,10 @@ def events(
         if found is None:
             raise click.BadParameter(f"{event_type!r} is not an event type", param_hint="--type")
         code = found.code
-    rows = ctx.store.list_events(status=status, event_type=code, limit=limit)
+    try:
+        rows = ctx.store.list_events(status=status, event_type=code, limit=limit)
+    except StoreUnavailable as error:
+        raise click.ClickException(str(error)) from None
     if as_json:
         for row in rows:
             click.echo(json.dumps(row, ensure_ascii=False))
