@@ -97,6 +97,8 @@ def summarize(collapsed: Path, title: str, top: int) -> str:
         own[frames[-1]] += count
         for function in {re.sub(r":\d+\)$", ")", frame) for frame in frames}:
             inclusive[function] += count
+    if total == 0:
+        return f"## {title}: no samples ({collapsed.name})\n"
     lines = [f"## {title}: {total} samples ({collapsed.name})", "", "self (by line):"]
     lines += [f"  {count / total:6.1%}  {frame}" for frame, count in own.most_common(top)]
     lines += ["", "inclusive (by function):"]

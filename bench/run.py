@@ -297,6 +297,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     size.add_argument("--quick", action="store_const", dest="mode", const="quick")
     size.add_argument("--smoke", action="store_const", dest="mode", const="smoke")
     parser.set_defaults(mode="full")
+    parser.add_argument(
+        "--only",
+        type=lambda text: [part.strip() for part in text.split(",")],
+        default=list(PARTS),
+        help=f"comma-separated parts to run (default: all of {','.join(PARTS)})",
+    )
     parser.add_argument("--no-postgres", action="store_true", help="leave out PostgreSQL rows")
     parser.add_argument("--profile", action="store_true", help="sample with py-spy under load")
     parser.add_argument(
@@ -305,7 +311,112 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=ROOT / "test-output" / "bench.md",
         help="where the table goes (default: test-output/bench.md)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    unknown = set(args.only) - set(PARTS)
+    if unknown:
+        parser.error(f"unknown part(s) {', '.join(sorted(unknown))}; choose from {PARTS}")
+    return args
+
+
+@dataclass
+class Run:
+    """One run's settings and where its files go."""
+
+    mode: Mode
+    postgres: bool
+    scratch: Path  # SQLite files, deleted after the run
+    log_dir: Path
+    profile_dir: Path | None
+    env: dict[str, str] = field(default_factory=lambda: dict(BENCH_ENV))
+    report: Report = field(default_factory=Report)
+    profiles: list[str] = field(default_factory=list)
+
+    def sqlite_url(self, name: str) -> str:
+        return f"sqlite:///{self.scratch / name}.db"
+
+
+def run_ingest(run: Run) -> None:
+    with ingest.BareBaseline(run.mode.ingest, run.log_dir) as bare:
+        say("ingest: bare Flask app at saturation")
+        bare_saturated = bare.saturate()
+        say("ingest: collector on SQLite")
+        figures, profile = ingest.measure_collector(
+            "SQLite",
+            run.sqlite_url("ingest"),
+            bare,
+            run.mode.ingest,
+            run.env,
+            run.log_dir,
+            run.profile_dir,
+        )
+        add_ingest(run.report, figures, bare_saturated)
+        run.profiles.append(profile)
+        if run.postgres:
+            say("ingest: collector on PostgreSQL")
+            run_postgres_ingest(run, bare, bare_saturated)
+
+
+def run_postgres_ingest(
+    run: Run, bare: ingest.BareBaseline, bare_saturated: loadgen.LoadResult
+) -> None:
+    """The ingest rows on a throwaway PostgreSQL cluster (tests/support/postgres.py)."""
+    from tests.support.postgres import PostgresCluster, PostgresUnavailable
+
+    cluster = None
+    try:
+        cluster = PostgresCluster()
+        cluster.start()
+        url = cluster.create_database("ks_bench_ingest")
+    except PostgresUnavailable as error:
+        if cluster is not None:
+            cluster.stop()
+        run.report.notes.append(f"PostgreSQL rows left out: {str(error).splitlines()[0]}")
+        return
+    try:
+        figures, profile = ingest.measure_collector(
+            "PostgreSQL", url, bare, run.mode.ingest, run.env, run.log_dir, run.profile_dir
+        )
+    finally:
+        cluster.stop()
+    add_ingest(run.report, figures, bare_saturated)
+    run.profiles.append(profile)
+
+
+def run_relay(run: Run) -> None:
+    for latency in (0.0, RELAY_TARGET_LATENCY_MS):
+        say(f"relay: {run.mode.relay_events:,} events, upstream answering after {latency:g} ms")
+        figures, profile = relay_rate.measure_relay(
+            run.sqlite_url(f"relay-{latency:g}ms"),
+            latency_ms=latency,
+            events=run.mode.relay_events,
+            baseline_seconds=run.mode.relay_baseline_seconds,
+            env=run.env,
+            log_dir=run.log_dir,
+            profile_dir=run.profile_dir if latency == RELAY_TARGET_LATENCY_MS else None,
+        )
+        add_relay(run.report, figures, "SQLite")
+        run.profiles.append(profile)
+
+
+def run_delivery(run: Run) -> None:
+    say("beacon → upstream latency through `ks-collector serve`")
+    figures = delivery.measure_delivery(
+        run.sqlite_url("delivery"),
+        beacons=run.mode.beacons,
+        rate=run.mode.beacon_rate,
+        env=run.env,
+        log_dir=run.log_dir,
+    )
+    run.report.rows.append(delivery_row(figures))
+
+
+def run_tag(run: Run) -> None:
+    say("tag size")
+    run.report.rows.append(tag_row(tag_size.measure_tag(), run.report))
+
+
+# Every part of a run, in the order they run.
+PARTS = {"ingest": run_ingest, "relay": run_relay, "delivery": run_delivery, "tag": run_tag}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,105 +433,31 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     output: Path = args.output.resolve()
-    log_dir = output.parent / "bench-logs"
-    profile_dir = output.parent / "bench-profiles" if args.profile else None
-    env = dict(BENCH_ENV)
-    report = Report()
-    profiles: list[str] = []
     started = time.monotonic()
     load_before = os.getloadavg()[0]
-
     with tempfile.TemporaryDirectory(prefix="ks-bench-") as scratch:
-
-        def sqlite_url(name: str) -> str:
-            return f"sqlite:///{Path(scratch) / name}.db"
-
-        say(f"{mode.name} run; logs in {log_dir}")
-        with ingest.BareBaseline(mode.ingest, log_dir) as bare:
-            say("ingest: bare Flask app at saturation")
-            bare_saturated = bare.saturate()
-            say("ingest: collector on SQLite")
-            figures, profile = ingest.measure_collector(
-                "SQLite", sqlite_url("ingest"), bare, mode.ingest, env, log_dir, profile_dir
-            )
-            add_ingest(report, figures, bare_saturated)
-            profiles.append(profile)
-            if mode.postgres and not args.no_postgres:
-                say("ingest: collector on PostgreSQL")
-                profiles.append(
-                    postgres_ingest(report, mode, bare, bare_saturated, env, log_dir, profile_dir)
-                )
-
-        for latency in (0.0, RELAY_TARGET_LATENCY_MS):
-            say(f"relay: {mode.relay_events:,} events, upstream answering after {latency:g} ms")
-            relay_figures, profile = relay_rate.measure_relay(
-                sqlite_url(f"relay-{latency:g}ms"),
-                latency_ms=latency,
-                events=mode.relay_events,
-                baseline_seconds=mode.relay_baseline_seconds,
-                env=env,
-                log_dir=log_dir,
-                profile_dir=profile_dir if latency == RELAY_TARGET_LATENCY_MS else None,
-            )
-            add_relay(report, relay_figures, "SQLite")
-            profiles.append(profile)
-
-        say("beacon → upstream latency through `ks-collector serve`")
-        delivery_figures = delivery.measure_delivery(
-            sqlite_url("delivery"),
-            beacons=mode.beacons,
-            rate=mode.beacon_rate,
-            env=env,
-            log_dir=log_dir,
+        run = Run(
+            mode=mode,
+            postgres=mode.postgres and not args.no_postgres,
+            scratch=Path(scratch),
+            log_dir=output.parent / "bench-logs",
+            profile_dir=output.parent / "bench-profiles" if args.profile else None,
         )
-        report.rows.append(delivery_row(delivery_figures))
+        say(f"{mode.name} run; logs in {run.log_dir}")
+        for name, part in PARTS.items():
+            if name in args.only:
+                part(run)
 
-    say("tag size")
-    report.rows.append(tag_row(tag_size.measure_tag(), report))
-
-    text = render(report, mode, time.monotonic() - started, args.profile, load_before)
+    text = render(run.report, mode, time.monotonic() - started, args.profile, load_before)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text)
     print(text)
     print(f"written to {output}")
-    if profile_dir is not None:
-        summary = profile_dir / "summary.md"
-        summary.write_text("\n".join(profile for profile in profiles if profile))
+    if run.profile_dir is not None:
+        summary = run.profile_dir / "summary.md"
+        summary.write_text("\n".join(profile for profile in run.profiles if profile))
         print(f"profiles: {summary} (raw collapsed stacks beside it)")
-    return 1 if report.problems else 0
-
-
-def postgres_ingest(
-    report: Report,
-    mode: Mode,
-    bare: ingest.BareBaseline,
-    bare_saturated: loadgen.LoadResult,
-    env: dict[str, str],
-    log_dir: Path,
-    profile_dir: Path | None,
-) -> str:
-    """The ingest rows on a throwaway PostgreSQL cluster (tests/support/postgres.py); returns
-    the profile, if one was taken."""
-    from tests.support.postgres import PostgresCluster, PostgresUnavailable
-
-    cluster = None
-    try:
-        cluster = PostgresCluster()
-        cluster.start()
-        url = cluster.create_database("ks_bench_ingest")
-    except PostgresUnavailable as error:
-        if cluster is not None:
-            cluster.stop()
-        report.notes.append(f"PostgreSQL rows left out: {str(error).splitlines()[0]}")
-        return ""
-    try:
-        figures, profile = ingest.measure_collector(
-            "PostgreSQL", url, bare, mode.ingest, env, log_dir, profile_dir
-        )
-    finally:
-        cluster.stop()
-    add_ingest(report, figures, bare_saturated)
-    return profile
+    return 1 if run.report.problems else 0
 
 
 _STARTED = time.monotonic()
