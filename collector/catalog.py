@@ -81,6 +81,8 @@ def _event(
 _MONEY = (AMOUNT,)
 _CONSULTING = "franchising, home & building materials, local services, education"
 _NOVEL_PARAMS = ("novel_chapter_num", "pay_level", AMOUNT)
+# Kuaishou's document swaps these parameters between 150 and 151; both events take all of them.
+_NOVEL_NOTE = "novel_chapter_num 1-1000, pay_level S/M/L and purchase_amount, none required"
 
 EVENT_TYPES: tuple[EventType, ...] = (
     _event(1, "activation", "Activation"),
@@ -148,7 +150,7 @@ EVENT_TYPES: tuple[EventType, ...] = (
         "Large/small payer payment",
         "novels",
         optional=_NOVEL_PARAMS,
-        note="see the spec's note on 150/151",
+        note=_NOVEL_NOTE,
     ),
     _event(
         151,
@@ -156,7 +158,7 @@ EVENT_TYPES: tuple[EventType, ...] = (
         "Novel chapters read",
         "novels",
         optional=_NOVEL_PARAMS,
-        note="see the spec's note on 150/151",
+        note=_NOVEL_NOTE,
     ),
     _event(152, "passenger_first_order", "Passenger placed first order", "ride-hailing"),
     _event(153, "passenger_first_ride", "Passenger completed first ride", "ride-hailing"),
