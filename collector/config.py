@@ -31,8 +31,14 @@ def _parse_bool(raw: str) -> bool:
     raise ValueError("expected true or false")
 
 
-def _parse_int_set(raw: str) -> frozenset[int]:
-    return frozenset(int(part) for part in raw.split(",") if part.strip())
+def _parse_event_codes(raw: str) -> frozenset[int]:
+    from .catalog import BY_CODE
+
+    codes = frozenset(int(part) for part in raw.split(",") if part.strip())
+    unknown = sorted(codes - BY_CODE.keys())
+    if unknown:
+        raise ValueError(f"not Kuaishou event types: {', '.join(map(str, unknown))}")
+    return codes
 
 
 def _parse_list(raw: str) -> tuple[str, ...]:
@@ -143,7 +149,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "once_per_callback",
         DEFAULT_ONCE_PER_CALLBACK,
-        _parse_int_set,
+        _parse_event_codes,
         "Event types relayed at most once per click id.",
     ),
     Setting(
