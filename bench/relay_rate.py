@@ -5,27 +5,24 @@ the mock Kuaishou (a process of its own, answering after ``latency_ms``). The ra
 the mock's first call to the moment the store shows every event delivered, so it includes
 claiming, sending and recording each outcome, and excludes the relay's start-up.
 
-The baseline is the same HTTP client the relay uses (a ``requests`` session with one pooled
-connection per thread), calling the same mock from as many threads as the relay keeps requests
-in flight, with no store at all: the most one process could deliver through that mock.
+The baseline is the relay's own Kuaishou client (``collector.kuaishou.KuaishouClient``) calling
+the same mock from as many threads as the relay keeps requests in flight, with no store at all:
+the most one process could deliver through that client and that mock.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import requests
-from requests.adapters import HTTPAdapter
-
 from bench import profiling
 from bench.services import MockUpstream
 from collector.config import Config
-from collector.store import open_store
+from collector.kuaishou import KuaishouClient
+from collector.store import DueEvent, Outcome, open_store
 from collector.validation import Conversion, now_ms
 from tests.support.processes import RelayProcess, run_cli
 
@@ -157,37 +154,37 @@ def _wait_until_delivered(database_url: str, events: int, relay: RelayProcess) -
 
 
 def client_alone_rate(upstream_url: str, threads: int, seconds: float) -> float:
-    """Calls per second ``threads`` threads make through one pooled ``requests`` session."""
-    session = requests.Session()
-    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=threads, max_retries=0)
-    session.mount("http://", adapter)
+    """Calls per second ``threads`` threads make through one ``KuaishouClient``, no store."""
+    client = KuaishouClient(upstream_url, timeout_seconds=10, pool_size=threads)
     stop_at = time.monotonic() + seconds
     calls = [0] * threads
-    failed = threading.Event()
+    failures: list[str] = []
 
     def call_repeatedly(slot: int) -> None:
         number = 0
         while time.monotonic() < stop_at:
             number += 1
-            response = session.get(
-                upstream_url,
-                params={
-                    "callback": f"baseline-{slot}-{number}",
-                    "event_type": str(PRELOAD_EVENT_TYPE),
-                    "event_time": str(now_ms()),
-                    "purchase_amount": "9.90",
-                },
-                timeout=10,
+            at = now_ms()
+            event = DueEvent(
+                id=number,
+                event_id=f"baseline-{slot}-{number}",
+                event_type=PRELOAD_EVENT_TYPE,
+                callback=f"baseline-{slot}-{number}",
+                event_time_ms=at,
+                params={"purchase_amount": "9.90"},
+                attempts=1,
+                age_base_ms=at,
             )
-            if response.status_code != 200:
-                failed.set()
+            answer = client.send(event)
+            if answer.outcome is not Outcome.DELIVERED:
+                failures.append(answer.error or answer.outcome.value)
             calls[slot] += 1
 
     started = time.monotonic()
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(call_repeatedly, range(threads)))
     elapsed = time.monotonic() - started
-    session.close()
-    if failed.is_set():
-        raise RuntimeError("the mock answered the baseline client with a non-200 status")
+    client.close()
+    if failures:
+        raise RuntimeError(f"the baseline client failed {len(failures)} calls: {failures[0]}")
     return sum(calls) / elapsed
