@@ -89,6 +89,23 @@ def once_key(event_type: int, callback: str) -> str:
     return f"{event_type}:{callback_key(callback)}"
 
 
+def storable_text(text: str | None, limit: int) -> str | None:
+    """An upstream answer or error cut to ``limit`` characters and without NUL characters.
+
+    PostgreSQL refuses NUL in text; one garbled answer must not stop its attempt (and the rest
+    of the batch) from being recorded.
+    """
+    if not text:
+        return None
+    return text[:limit].replace("\x00", "\N{REPLACEMENT CHARACTER}")
+
+
+def like_pattern(fragment: str) -> str:
+    """A case-insensitive ``LIKE ... ESCAPE '\\'`` pattern matching ``fragment`` literally."""
+    escaped = fragment.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
 EVENT_COLUMNS = (
     "id, event_id, source, event_type, callback, event_time_ms, params, lead_id, "
     "received_at_ms, status, attempts, next_attempt_at_ms, lease_owner, lease_until_ms, "
@@ -240,7 +257,8 @@ class SqlStore:
                 self._record_attempt(cursor, owner, result)
 
     def _record_attempt(self, cursor: Any, owner: str, result: AttemptResult) -> None:
-        response = result.response[:RESPONSE_EXCERPT_CHARS] if result.response else None
+        response = storable_text(result.response, RESPONSE_EXCERPT_CHARS)
+        error = storable_text(result.error, RESPONSE_EXCERPT_CHARS)
         cursor.execute(
             self.sql(
                 "INSERT INTO attempts (event_pk, at_ms, relay, outcome, http_status, latency_ms,"
@@ -254,10 +272,10 @@ class SqlStore:
                 result.http_status,
                 result.latency_ms,
                 response,
-                result.error,
+                error,
             ),
         )
-        last = (result.http_status, response, result.error)
+        last = (result.http_status, response, error)
         if result.outcome is Outcome.TRANSIENT and not result.dead:
             # Only the lease holder reschedules: another relay may have taken an expired lease.
             cursor.execute(
@@ -322,7 +340,13 @@ class SqlStore:
         until_ms: int | None = None,
         error_contains: str | None = None,
     ) -> int:
-        """Send dead or rejected events again; returns how many were re-queued."""
+        """Send dead or rejected events again; returns how many were re-queued.
+
+        Filters combine (all must match): event ids, received time range, and text the last
+        answer or error contains (case-insensitive). The event's ``attempts`` restarts at 0 so
+        the backoff schedule and the retry age start over; every earlier try stays in the
+        attempts table.
+        """
         allowed = [
             Status(status).value for status in statuses if status in (Status.DEAD, Status.REJECTED)
         ]
@@ -341,13 +365,14 @@ class SqlStore:
             args.append(until_ms)
         if error_contains:
             clauses.append(
-                "(COALESCE(last_response, '') || ' ' || COALESCE(last_error, '')) LIKE ?"
+                "LOWER(COALESCE(last_response, '') || ' ' || COALESCE(last_error, ''))"
+                " LIKE ? ESCAPE '\\'"
             )
-            args.append(f"%{error_contains}%")
+            args.append(like_pattern(error_contains))
         with self.transaction() as cursor:
             cursor.execute(
                 self.sql(
-                    "UPDATE events SET status = 'pending', next_attempt_at_ms = ?,"
+                    "UPDATE events SET status = 'pending', next_attempt_at_ms = ?, attempts = 0,"
                     " replayed_at_ms = ?, finished_at_ms = NULL, lease_owner = NULL,"
                     " lease_until_ms = NULL WHERE " + " AND ".join(clauses)
                 ),

@@ -8,6 +8,7 @@ LOCKED`` and ``ON CONFLICT DO NOTHING``) without removing any code.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +20,9 @@ from .schema import MIGRATIONS
 _FILL = {"pk": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", "int64": "BIGINT"}
 # Any constant works; it only has to be the same for every process migrating this database.
 _MIGRATION_LOCK = 0x6B5F636F6C6C
+# How long a statement waits for a row or table lock before the request is answered 503; the
+# same bound as SQLite's busy timeout, so both engines fail the same way when locked too long.
+LOCK_TIMEOUT_MS = 5000
 
 
 class PostgresStore(SqlStore):
@@ -44,6 +48,8 @@ class PostgresStore(SqlStore):
         self._pool_args = {"min_size": min_size, "max_size": max_size, "timeout": timeout}
         self._pool: Any = None
         self._pid = os.getpid()
+        # The threads of a fresh gunicorn worker may all ask for the pool at once.
+        self._pool_lock = threading.Lock()
 
     def sql(self, text: str) -> str:
         return text.replace("?", "%s")
@@ -52,12 +58,17 @@ class PostgresStore(SqlStore):
         from psycopg_pool import ConnectionPool
 
         # A pool's sockets must not be shared across a fork: each process opens its own.
-        if self._pool is None or self._pid != os.getpid():
-            self._pid = os.getpid()
-            self._pool = ConnectionPool(
-                self.url, open=True, **self._pool_args, kwargs={"autocommit": False}
-            )
-        return self._pool
+        with self._pool_lock:
+            if self._pool is None or self._pid != os.getpid():
+                self._pid = os.getpid()
+                self._pool = ConnectionPool(
+                    self.url,
+                    open=True,
+                    **self._pool_args,
+                    kwargs={"autocommit": False},
+                    configure=_configure_connection,
+                )
+            return self._pool
 
     @contextmanager
     def _connection(self) -> Iterator[Any]:
@@ -67,7 +78,9 @@ class PostgresStore(SqlStore):
         try:
             with self._get_pool().connection() as connection:
                 yield connection
-        except (psycopg.OperationalError, PoolTimeout) as error:
+        except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as error:
+            # Server down or restarting, connection lost, lock or statement timeout, disk full:
+            # the transaction did not commit.
             raise StoreUnavailable(f"PostgreSQL unavailable: {error}") from error
 
     @contextmanager
@@ -84,6 +97,9 @@ class PostgresStore(SqlStore):
     def migrate(self) -> list[int]:
         applied: list[int] = []
         with self.transaction() as cursor:
+            # A migration may wait for relays' and workers' locks; it must not give up after
+            # LOCK_TIMEOUT_MS like a request does.
+            cursor.execute("SET LOCAL lock_timeout = '60s'")
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
             cursor.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations"
@@ -107,3 +123,9 @@ class PostgresStore(SqlStore):
         if self._pool is not None and self._pid == os.getpid():
             self._pool.close()
         self._pool = None
+
+
+def _configure_connection(connection: Any) -> None:
+    """Settings of every pooled connection, before its first use."""
+    connection.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
+    connection.commit()
