@@ -41,7 +41,9 @@ def build_params(event: DueEvent) -> dict[str, str]:
         "event_type": str(event.event_type),
         "event_time": str(event.event_time_ms),
     }
-    params.update(event.params)
+    # The three that identify the conversion come from their own columns, whatever else an
+    # event carries.
+    params.update((name, value) for name, value in event.params.items() if name not in params)
     return params
 
 

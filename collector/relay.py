@@ -66,8 +66,18 @@ class Relay:
         self._finished: queue.SimpleQueue[AttemptResult] = queue.SimpleQueue()
         self._unrecorded: list[AttemptResult] = []
         self._in_flight = 0
+        self._record_again_at = 0.0  # after a failed record, when to try the store again
         self._lease_ms = int(config.lease_seconds * 1000)
         self._max_age_ms = int(config.retry_max_age_hours * 3600 * 1000)
+        if config.lease_seconds <= config.upstream_timeout_seconds:
+            # A lease that can expire while its request is still waiting for an answer lets a
+            # second relay send the same event: duplicates without any crash.
+            log.warning(
+                "KS_COLLECTOR_LEASE_SECONDS (%g) should be well above "
+                "KS_COLLECTOR_UPSTREAM_TIMEOUT_SECONDS (%g)",
+                config.lease_seconds,
+                config.upstream_timeout_seconds,
+            )
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -91,20 +101,38 @@ class Relay:
                     self._beat()
                 self._record_finished()
                 free = self.concurrency - self._in_flight
-                wanted = now >= next_poll or (backlog and free >= refill_at)
-                if not self.stopping.is_set() and free > 0 and wanted:
+                # With more events due, claim as soon as a batch of slots is free; otherwise
+                # look for due events once per poll interval.
+                wanted = free >= refill_at if backlog else now >= next_poll
+                # Results the store has not taken yet block claiming: their leases may expire
+                # meanwhile, and this relay would take those events and send them again.
+                may_claim = not self.stopping.is_set() and free > 0 and not self._unrecorded
+                if may_claim and wanted:
                     claimed = self._claim(pool, free)
                     backlog = claimed == free
                     pause = (
                         STORE_RETRY_SECONDS if claimed is None else self.config.relay_poll_seconds
                     )
                     next_poll = now + pause
-                self._wait_for_results(max(0.0, next_poll - time.monotonic()))
+                # Sleep until the next poll or until a request finishes, never spin: with every
+                # slot busy (or when stopping) only a finished request changes anything.
+                wait = self.config.relay_poll_seconds
+                if may_claim and not backlog:
+                    wait = max(0.0, next_poll - time.monotonic())
+                self._wait_for_results(wait)
             self._record_finished()
         while self._unrecorded:
+            # Stopping with results the store has not taken yet: keep trying until it does or
+            # the supervisor gives up (then leases expire and those events are sent again).
             time.sleep(STORE_RETRY_SECONDS)
             self._record_finished()
-        released = self.store.release_leases(self.name)
+        try:
+            released = self.store.release_leases(self.name)
+        except StoreUnavailable as error:
+            log.warning(
+                "relay %s could not release its leases (they will expire): %s", self.name, error
+            )
+            released = 0
         self.client.close()
         log.info(
             "relay %s stopped%s", self.name, f", released {released} leases" if released else ""
@@ -130,7 +158,15 @@ class Relay:
         except Exception as error:  # a bug must cost one attempt, never the relay
             log.exception("event %d: unexpected error while sending", event.id)
             answer = Answer(Outcome.TRANSIENT, 0, error=f"internal error: {error!r}"[:300])
-        self._finished.put(self._consequence(event, answer))
+        try:
+            result = self._consequence(event, answer)
+        except Exception:
+            # Every claimed event must come back, or the loop would wait for it forever.
+            log.exception("event %d: unexpected error while judging its answer", event.id)
+            result = self._consequence(
+                event, Answer(Outcome.TRANSIENT, answer.latency_ms, error="internal error")
+            )
+        self._finished.put(result)
 
     def _wait_for_results(self, timeout: float) -> None:
         try:
@@ -147,7 +183,7 @@ class Relay:
                 self._in_flight -= 1
             except queue.Empty:
                 break
-        if not self._unrecorded:
+        if not self._unrecorded or time.monotonic() < self._record_again_at:
             return
         try:
             self.store.record_attempts(self.name, self._unrecorded)
@@ -155,10 +191,33 @@ class Relay:
             # Kept in memory and recorded later; if we die first, leases expire and the events
             # are sent again (at-least-once).
             log.warning("could not record %d attempts yet: %s", len(self._unrecorded), error)
+            self._record_again_at = time.monotonic() + STORE_RETRY_SECONDS
+            return
+        except Exception:
+            # One result the store refuses (a bug) must not keep the others from being recorded.
+            log.exception(
+                "recording %d attempts failed; recording them one by one", len(self._unrecorded)
+            )
+            self._record_one_by_one()
             return
         for result in self._unrecorded:
             self._log_result(result)
         self._unrecorded = []
+
+    def _record_one_by_one(self) -> None:
+        kept = []
+        for result in self._unrecorded:
+            try:
+                self.store.record_attempts(self.name, [result])
+            except StoreUnavailable:
+                kept.append(result)
+            except Exception:
+                # Dropped: its lease expires and the event is sent again, its siblings are not
+                # held back meanwhile.
+                log.exception("event %d: its attempt could not be recorded", result.event.id)
+            else:
+                self._log_result(result)
+        self._unrecorded = kept
 
     def _beat(self) -> None:
         try:
