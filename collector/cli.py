@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
+import os
 import re
+import socket
 import sys
+import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import click
 
@@ -73,7 +78,8 @@ class Context:
         except StoreUnavailable as error:
             raise click.ClickException(f"cannot migrate the store: {error}") from None
         if applied:
-            click.echo(f"applied schema migrations {applied}", err=True)
+            # A log line, not a bare echo: with KS_COLLECTOR_LOG_FORMAT=json every line is JSON.
+            logging.getLogger("ks_collector.store").info("applied schema migrations %s", applied)
 
 
 pass_context = click.make_pass_decorator(Context, ensure=True)
@@ -311,19 +317,255 @@ def purge(ctx: Context, older_than: str) -> None:
     click.echo(f"purged {count} delivered event{'s' if count != 1 else ''}")
 
 
+# States in the order `stats` prints them.
+STATS_STATES = ("pending", "delivered", "rejected", "dead")
+
+
 @main.command()
 @click.option("--since", default="24h", show_default=True, help="Window: duration or ISO time.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per event type.")
 @pass_context
-def stats(ctx: Context, since: str) -> None:
-    """Counts by event type and delivery state over a window."""
-    counts = ctx.store.count_by_type_and_status(parse_time_ms(since))
-    states = ["pending", "delivered", "rejected", "dead"]
+def stats(ctx: Context, since: str, as_json: bool) -> None:
+    """Counts by event type and delivery state over a window, and why events failed."""
+    since_ms = parse_time_ms(since)
+    try:
+        counts = ctx.store.count_by_type_and_status(since_ms)
+        reasons = ctx.store.rejection_reasons(since_ms, limit=5)
+    except StoreUnavailable as error:
+        raise click.ClickException(str(error)) from None
     table: dict[int, dict[str, int]] = {}
     for code, status, count in counts:
-        table.setdefault(code, dict.fromkeys(states, 0))[status] = count
-    click.echo(f"{'event type':28}" + "".join(f"{state:>11}" for state in states))
+        table.setdefault(code, dict.fromkeys(STATS_STATES, 0))[status] = count
+    if as_json:
+        for code, row in sorted(table.items()):
+            name = catalog.BY_CODE[code].name if code in catalog.BY_CODE else None
+            click.echo(json.dumps({"event_type": code, "name": name, **row}))
+        return
+
+    click.echo(f"events received since {format_ms(since_ms)} UTC")
+    columns = (*STATS_STATES, "total")
+    click.echo(f"{'event type':28}" + "".join(f"{column:>11}" for column in columns))
+    totals = dict.fromkeys(STATS_STATES, 0)
     for code, row in sorted(table.items()):
         name = catalog.BY_CODE[code].name if code in catalog.BY_CODE else "?"
-        click.echo(f"{f'{code} {name}':28}" + "".join(f"{row[state]:>11}" for state in states))
+        cells = [row[state] for state in STATS_STATES] + [sum(row.values())]
+        click.echo(f"{f'{code} {name}':28}" + "".join(f"{cell:>11}" for cell in cells))
+        for state in STATS_STATES:
+            totals[state] += row[state]
     if not table:
         click.echo("(no events in this window)")
+        return
+    received = sum(totals.values())
+    cells = [totals[state] for state in STATS_STATES] + [received]
+    click.echo(f"{'all':28}" + "".join(f"{cell:>11}" for cell in cells))
+    click.echo(f"delivered: {totals['delivered'] / received:.1%} of {received}")
+    if reasons:
+        click.echo("why events were not delivered:")
+        for status, reason, count in reasons:
+            click.echo(f"{count:>7}  {status:8}  {reason or '(no answer recorded)'}")
+
+
+# ---- check -----------------------------------------------------------------------------------
+
+# How long `check` waits for Kuaishou's host to accept a TCP connection.
+UPSTREAM_CONNECT_TIMEOUT_SECONDS = 3.0
+# Pending this long suggests the relay cannot keep up or cannot reach Kuaishou.
+OLD_PENDING_WARNING_MS = 3_600_000
+# Admin tokens shorter than this are easy to guess through the login form.
+MIN_ADMIN_TOKEN_LENGTH = 16
+
+
+class Finding:
+    """One line of `ks-collector check`: ok, warn or fail, what was checked, and what was seen."""
+
+    def __init__(self, level: str, name: str, message: str):
+        self.level, self.name, self.message = level, name, message
+
+    def __str__(self) -> str:
+        return f"{self.level:<5} {self.name:<16} {self.message}"
+
+
+def redacted_url(url: str) -> str:
+    """A database URL fit to print: the password, if any, replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+def check_store(config: Config) -> tuple[Finding, SqlStore | None]:
+    """Reachable, migrated to this version's schema, and writable; the store is kept if so."""
+    from .store.schema import LATEST_VERSION
+
+    shown = redacted_url(config.database_url)
+    if config.database_url.startswith("sqlite:"):
+        # Opening a missing SQLite file would create an empty one; a check must change nothing.
+        from .store.sqlite import path_from_url
+
+        try:
+            path = os.path.abspath(path_from_url(config.database_url))
+        except ValueError as error:
+            return Finding("fail", "store", str(error)), None
+        if not os.path.isfile(path):
+            return Finding(
+                "fail", "store", f"{path} does not exist: run ks-collector migrate"
+            ), None
+    try:
+        store = open_store(config.database_url)
+    except (ValueError, RuntimeError) as error:
+        return Finding("fail", "store", str(error)), None
+    try:
+        version = store.schema_version()
+        if version is None or version < LATEST_VERSION:
+            store.close()
+            found = "no schema" if version is None else f"schema version {version}"
+            message = (
+                f"{shown}: {found}, this version needs {LATEST_VERSION}: run ks-collector migrate"
+            )
+            return Finding("fail", "store", message), None
+        store.check_writable()
+    except StoreUnavailable as error:
+        store.close()
+        return Finding("fail", "store", f"{shown}: {error}"), None
+    if version > LATEST_VERSION:
+        message = (
+            f"{shown}: schema version {version} is newer than this ks-collector knows "
+            f"({LATEST_VERSION}): upgrade ks-collector"
+        )
+        return Finding("warn", "store", message), store
+    return Finding("ok", "store", f"{shown}: schema version {version}, writable"), store
+
+
+def check_relay(store: SqlStore) -> Finding:
+    from .web.pages import relay_heartbeat_problem
+
+    now = now_ms()
+    beats = [beat for _, beat in store.relay_heartbeats()]
+    problem = relay_heartbeat_problem(beats[0] if beats else None, now)
+    if problem:
+        return Finding("fail", "relay", problem)
+    alive = sum(1 for beat in beats if relay_heartbeat_problem(beat, now) is None)
+    age = (now - beats[0]) / 1000
+    running = f"{alive} relay{'s' if alive != 1 else ''} running"
+    return Finding("ok", "relay", f"last heartbeat {age:.0f} s ago, {running}")
+
+
+def check_outbox(store: SqlStore) -> Finding:
+    pending, oldest_ms = store.pending_summary(now_ms())
+    dead = store.count_status("dead")
+    message = f"{pending} pending"
+    if oldest_ms is not None:
+        message += f", oldest {oldest_ms // 1000} s"
+    message += f"; {dead} dead"
+    if dead:
+        message += " (ks-collector events --status dead; ks-collector replay)"
+    old = oldest_ms is not None and oldest_ms > OLD_PENDING_WARNING_MS
+    return Finding("warn" if dead or old else "ok", "outbox", message)
+
+
+def check_upstream(config: Config) -> Finding:
+    """A TCP connection to the upstream's host and port: nothing is sent, no event, no request."""
+    from .config import KUAISHOU_ACTIVATE_URL
+
+    parts = urlsplit(config.upstream_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return Finding("fail", "upstream", f"{config.upstream_url!r} is not an http(s) URL")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    timeout = min(config.upstream_timeout_seconds, UPSTREAM_CONNECT_TIMEOUT_SECONDS)
+    started = time.monotonic()
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=timeout):
+            pass
+    except OSError as error:
+        reason = "timed out" if isinstance(error, TimeoutError) else error.strerror or str(error)
+        return Finding("fail", "upstream", f"cannot connect to {parts.hostname}:{port}: {reason}")
+    took = (time.monotonic() - started) * 1000
+    message = f"{parts.hostname}:{port} accepts connections ({took:.0f} ms)"
+    if config.upstream_url != KUAISHOU_ACTIVATE_URL:
+        message += f"; not Kuaishou's endpoint {KUAISHOU_ACTIVATE_URL}"
+        return Finding("warn", "upstream", message)
+    return Finding("ok", "upstream", message)
+
+
+def check_origins(config: Config) -> Finding:
+    origins = config.allowed_origins
+    if not origins:
+        return Finding(
+            "warn",
+            "allowed origins",
+            "KS_COLLECTOR_ALLOWED_ORIGINS is empty: any page may send tag events, and "
+            "serve/web refuse to listen on a public address",
+        )
+    if "*" in origins:
+        return Finding("warn", "allowed origins", "'*': any page on the internet may send events")
+    return Finding("ok", "allowed origins", f"{len(origins)}: {', '.join(origins)}")
+
+
+def check_api_tokens(config: Config) -> Finding:
+    names = sorted(config.api_tokens.values())
+    if not names:
+        return Finding("warn", "api tokens", "none set: /api/v1/conversions answers 401")
+    return Finding("ok", "api tokens", f"{len(names)}: {', '.join(names)}")
+
+
+def check_admin_token(config: Config) -> Finding:
+    token = config.admin_token
+    if not token:
+        return Finding("warn", "admin token", "not set: the /admin dashboard is off")
+    if len(token) < MIN_ADMIN_TOKEN_LENGTH:
+        return Finding(
+            "warn",
+            "admin token",
+            f"only {len(token)} characters: use {MIN_ADMIN_TOKEN_LENGTH} or more",
+        )
+    return Finding("ok", "admin token", "set: /admin is on")
+
+
+def check_logging(config: Config) -> Finding:
+    from .logs import LOG_FORMATS
+
+    if config.log_format not in LOG_FORMATS:
+        return Finding(
+            "warn", "logging", f"KS_COLLECTOR_LOG_FORMAT={config.log_format!r}: using text"
+        )
+    if not isinstance(logging.getLevelName(config.log_level.upper()), int):
+        return Finding("fail", "logging", f"KS_COLLECTOR_LOG_LEVEL={config.log_level!r} is unknown")
+    return Finding("ok", "logging", f"{config.log_format}, {config.log_level.upper()}")
+
+
+@main.command()
+def check() -> None:
+    """Diagnose this machine's setup: one line per check; exits 1 if any check fails.
+
+    Checks the settings, the store (reachable, migrated, writable), the relays' heartbeat, the
+    outbox, and whether Kuaishou's host accepts a TCP connection (nothing is sent to it).
+    """
+    try:
+        config = Config.from_env()
+    except ConfigError as error:
+        click.echo(Finding("fail", "config", str(error)))
+        sys.exit(1)
+    findings = [Finding("ok", "config", "every KS_COLLECTOR_* setting parses")]
+    store_finding, store = check_store(config)
+    findings.append(store_finding)
+    if store is None:
+        findings.append(Finding("fail", "relay", "not checked: the store is not usable"))
+    else:
+        try:
+            findings += [check_relay(store), check_outbox(store)]
+        except StoreUnavailable as error:
+            findings.append(Finding("fail", "relay", f"store stopped answering: {error}"))
+        finally:
+            store.close()
+    findings += [
+        check_upstream(config),
+        check_origins(config),
+        check_api_tokens(config),
+        check_admin_token(config),
+        check_logging(config),
+    ]
+    for finding in findings:
+        click.echo(finding)
+    if any(finding.level == "fail" for finding in findings):
+        sys.exit(1)

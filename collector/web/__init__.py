@@ -9,7 +9,7 @@ from werkzeug.exceptions import HTTPException
 
 from ..config import Config
 from ..store import SqlStore, StoreUnavailable, open_store
-from . import api, collect, pages
+from . import admin, api, collect, pages
 from .http import json_response
 
 log = logging.getLogger("ks_collector.web")
@@ -29,6 +29,7 @@ def create_app(config: Config | None = None, store: SqlStore | None = None) -> F
     app.register_blueprint(collect.blueprint)
     app.register_blueprint(api.blueprint)
     app.register_blueprint(pages.blueprint)
+    app.register_blueprint(admin.blueprint)
     app.register_error_handler(StoreUnavailable, store_unavailable)
     app.register_error_handler(HTTPException, http_error)
     app.register_error_handler(Exception, unexpected_error)
