@@ -9,7 +9,7 @@ from werkzeug.exceptions import HTTPException
 
 from ..config import Config
 from ..store import SqlStore, StoreUnavailable, open_store
-from . import admin, api, collect, pages
+from . import admin, api, collect, limits, pages
 from .http import json_response
 
 log = logging.getLogger("ks_collector.web")
@@ -30,6 +30,8 @@ def create_app(config: Config | None = None, store: SqlStore | None = None) -> F
     app.register_blueprint(api.blueprint)
     app.register_blueprint(pages.blueprint)
     app.register_blueprint(admin.blueprint)
+    limits.trust_proxies(app, config.trusted_proxies)
+    limits.install_rate_limits(app, config)
     app.register_error_handler(StoreUnavailable, store_unavailable)
     app.register_error_handler(HTTPException, http_error)
     app.register_error_handler(Exception, unexpected_error)
@@ -50,7 +52,12 @@ def http_error(error: HTTPException) -> Response:
     if error.response is not None:  # already a JSON answer built by error_response()
         return error.response
     name = (error.name or "error").lower().replace(" ", "_")
-    return json_response(error.code or 500, error=name, message=error.description or name)
+    response = json_response(error.code or 500, error=name, message=error.description or name)
+    # Keep what the error says besides its HTML body: Allow on a 405, WWW-Authenticate on a 401.
+    for header, value in error.get_headers():
+        if header.lower() != "content-type":
+            response.headers[header] = value
+    return response
 
 
 def unexpected_error(error: Exception) -> Response:

@@ -6,10 +6,11 @@ are checked against the allowlist, and nothing is answered 2xx before it is comm
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, current_app, g, request
+from marshmallow import ValidationError
 
 from .. import metrics
-from ..validation import EventRefused, now_ms, validate_tag_event
+from ..validation import EventRefused, normalize_callback, now_ms, validate_tag_event
 from .http import (
     BadBody,
     error_response,
@@ -17,7 +18,7 @@ from .http import (
     origin_allowed,
     page_origin,
     parse_json,
-    read_body,
+    peek_body,
 )
 
 # A beacon is a few hundred bytes; the largest legitimate one (4 KB callback) fits easily.
@@ -63,13 +64,13 @@ def collect() -> Response:
             f"page origin {origin or '(none sent)'} is not in KS_COLLECTOR_ALLOWED_ORIGINS",
         )
 
-    if request.method == "GET":
-        # The tag's last-resort transport: an image whose URL carries the beacon as ?d=.
-        raw = request.args.get("d", "").encode("utf-8", "surrogatepass")
-        if len(raw) > MAX_BEACON_BYTES:
-            error_response(414, "uri_too_long", f"d is larger than {MAX_BEACON_BYTES} bytes")
-    else:
-        raw = read_body(MAX_BEACON_BYTES)
+    raw = beacon_bytes()
+    if raw is None and request.method == "GET":
+        error_response(414, "uri_too_long", f"d is larger than {MAX_BEACON_BYTES} bytes")
+    if raw is None:
+        error_response(
+            413, "payload_too_large", f"the body is larger than {MAX_BEACON_BYTES} bytes"
+        )
     try:
         body = parse_json(raw)
         event = validate_tag_event(body, received_at_ms=received_at)
@@ -97,3 +98,32 @@ def collect() -> Response:
     counter = metrics.EVENTS_RECEIVED if accepted.status == "accepted" else metrics.EVENTS_DUPLICATE
     counter.labels("tag", str(conversion.event_type)).inc()
     return json_response(202, status=accepted.status, id=accepted.id, event_id=accepted.event_id)
+
+
+def beacon_bytes() -> bytes | None:
+    """The beacon as sent, or None when it is larger than ``MAX_BEACON_BYTES``.
+
+    A POST carries it as the body; the tag's last-resort transport, an image, carries it in the
+    URL as ``?d=``.
+    """
+    if request.method == "GET":
+        raw = request.args.get("d", "").encode("utf-8", "surrogatepass")
+        return raw if len(raw) <= MAX_BEACON_BYTES else None
+    return peek_body(MAX_BEACON_BYTES)
+
+
+def beacon_callback() -> str | None:
+    """The click id a beacon is about, or None if it has none that could be accepted.
+
+    The per-click rate limit is keyed by it, before the view runs; the parse is kept on ``g``.
+    """
+    if "ks_beacon_callback" not in g:
+        g.ks_beacon_callback = None
+        raw = beacon_bytes()
+        try:
+            body = parse_json(raw) if raw is not None else None
+            if isinstance(body, dict) and "callback" in body:
+                g.ks_beacon_callback = normalize_callback(body["callback"])
+        except (BadBody, ValidationError):
+            pass
+    return g.ks_beacon_callback

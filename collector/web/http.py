@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, NoReturn
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
-from flask import Response, abort, jsonify, make_response, request
+from flask import Response, abort, g, jsonify, make_response, request
 
 # Nesting deeper than this is not an event; refusing it early keeps the parser cheap.
 MAX_JSON_DEPTH = 8
@@ -29,18 +30,45 @@ def _no_constants(name: str) -> NoReturn:
     raise BadBody(f"{name} is not valid JSON")
 
 
-def _depth(value: Any, level: int = 1) -> int:
+def _no_infinity(text: str) -> float:
+    number = float(text)
+    if math.isinf(number):
+        raise BadBody(f"the number {text[:20]} is out of range")
+    return number
+
+
+def _check_values(value: Any, level: int = 1) -> None:
+    """Refuse nesting beyond ``MAX_JSON_DEPTH`` and strings no database can store as text.
+
+    ``json`` turns a lone ``\\ud800`` escape into a lone surrogate, which is not UTF-8, and
+    ``\\u0000`` into a NUL, which PostgreSQL refuses in text; both are caught here, for every
+    field at once, so that they are a 400 rather than a failed commit.
+    """
     if level > MAX_JSON_DEPTH:
-        return level
-    if isinstance(value, dict):
-        return max((_depth(item, level + 1) for item in value.values()), default=level)
-    if isinstance(value, list):
-        return max((_depth(item, level + 1) for item in value), default=level)
-    return level
+        raise BadBody(f"the JSON is nested more than {MAX_JSON_DEPTH} levels deep")
+    if isinstance(value, str):
+        _check_text(value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key)
+            _check_values(item, level + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check_values(item, level + 1)
+
+
+def _check_text(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadBody("the JSON has a string with an unpaired surrogate escape") from None
+    if "\x00" in text:
+        raise BadBody("the JSON has a string with a NUL character")
 
 
 def parse_json(raw: bytes) -> Any:
-    """Strict JSON: UTF-8 only, no NaN/Infinity, no duplicate keys, bounded nesting."""
+    """Strict JSON: UTF-8 only, no NaN/Infinity or numbers out of range, no duplicate keys,
+    no unpaired surrogates or NUL characters, bounded nesting."""
     if not raw.strip():
         raise BadBody("the body is empty; send a JSON object")
     try:
@@ -48,29 +76,48 @@ def parse_json(raw: bytes) -> Any:
     except UnicodeDecodeError:
         raise BadBody("the body is not valid UTF-8") from None
     try:
-        value = json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants)
+        value = json.loads(
+            text,
+            object_pairs_hook=_no_duplicate_keys,
+            parse_constant=_no_constants,
+            parse_float=_no_infinity,
+        )
     except BadBody:
         raise
     except (ValueError, RecursionError) as error:
         raise BadBody(f"the body is not valid JSON: {str(error)[:120]}") from None
-    if _depth(value) > MAX_JSON_DEPTH:
-        raise BadBody(f"the JSON is nested more than {MAX_JSON_DEPTH} levels deep")
+    _check_values(value)
     return value
 
 
 def read_body(limit: int) -> bytes:
     """The request body, refused with 413 when it is larger than ``limit`` bytes."""
-    if request.content_length is not None and request.content_length > limit:
-        error_response(413, "payload_too_large", f"the body is larger than {limit} bytes")
-    raw = request.stream.read(limit + 1)
-    if len(raw) > limit:
+    raw = peek_body(limit)
+    if raw is None:
         error_response(413, "payload_too_large", f"the body is larger than {limit} bytes")
     return raw
+
+
+def peek_body(limit: int) -> bytes | None:
+    """The request body if it is at most ``limit`` bytes, else None; it is read only once.
+
+    The rate limiter reads a beacon before its view does (the per-click limit is keyed by the
+    callback inside it), so the bytes are kept on ``g`` for whoever asks next.
+    """
+    if "ks_body" not in g:
+        if request.content_length is not None and request.content_length > limit:
+            g.ks_body = None
+        else:
+            raw = request.stream.read(limit + 1)
+            g.ks_body = raw if len(raw) <= limit else None
+    return g.ks_body
 
 
 def error_response(http_status: int, code: str, message: str, /, **extra: Any) -> NoReturn:
     """Abort with a JSON error body: ``{"error": code, "message": ..., ...}``."""
     response = make_response(jsonify(error=code, message=message, **extra), http_status)
+    if http_status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="ks-collector"'
     abort(response)
 
 
@@ -82,8 +129,8 @@ def origin_allowed(origin: str, allowed: tuple[str, ...]) -> bool:
     """Match ``https://shop.example.com`` against exact origins, ``*.example.com`` or ``*``."""
     if not allowed or "*" in allowed:
         return True
-    parts = urlsplit(origin)
-    if not parts.scheme or not parts.hostname:
+    parts = _split_url(origin)
+    if parts is None or not parts.scheme or not parts.hostname:
         return False
     normalized = f"{parts.scheme}://{parts.netloc}".lower()
     for entry in allowed:
@@ -109,7 +156,15 @@ def page_origin() -> str | None:
         return origin
     referer = request.headers.get("Referer")
     if referer:
-        parts = urlsplit(referer)
-        if parts.scheme and parts.netloc:
+        parts = _split_url(referer)
+        if parts is not None and parts.scheme and parts.netloc:
             return f"{parts.scheme}://{parts.netloc}"
     return None
+
+
+def _split_url(text: str) -> SplitResult | None:
+    """``urlsplit``, or None for what it refuses (``http://[::1`` raises ValueError)."""
+    try:
+        return urlsplit(text)
+    except ValueError:
+        return None

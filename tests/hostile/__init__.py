@@ -1,0 +1,1 @@
+"""Hostile input and the public endpoints' defences: fuzzing, malformed bodies, headers, privacy."""
