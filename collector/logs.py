@@ -63,6 +63,8 @@ def configure_logging(log_format: str, level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # urllib3's debug lines hold each request's whole URL, the click id included.
+    logging.getLogger("urllib3").setLevel(logging.INFO)
 
 
 class GunicornLogger(_GunicornBaseLogger):
