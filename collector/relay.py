@@ -2,7 +2,13 @@
 
 Guarantee: at least once. An event is claimed under a lease before it is sent and its outcome is
 committed after; a relay that dies in between leaves a lease that expires, and another relay
-sends the event again. Duplicates are therefore possible only for requests in flight at a crash.
+sends the event again. Duplicates are therefore possible only for requests in flight at a crash,
+and for answers a relay could not record before their lease ran out while another relay could
+reach the store (a relay cut off from the store claims nothing until it has recorded them).
+
+No order is kept between events, not even of one click: each carries its own ``event_time``
+and Kuaishou attributes it by callback, and a per-click queue would let one event stuck in
+retries hold back the rest of that click's conversions.
 """
 
 from __future__ import annotations

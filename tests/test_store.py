@@ -392,6 +392,14 @@ def test_purge_deletes_delivered_events_and_their_attempts_only(store: SqlStore)
     assert len(store.attempts_of(rejected)) == 1
 
 
+def test_purge_works_through_many_events_in_batches(store: SqlStore) -> None:
+    for number in range(5):
+        finished(store, f"OK{number}", Outcome.DELIVERED)
+
+    assert store.purge_delivered(now_ms() + 1, batch_size=2) == 5
+    assert store.list_events() == []
+
+
 def test_migrating_again_applies_nothing(store: SqlStore) -> None:
     assert store.migrate() == []
 

@@ -19,6 +19,8 @@ from ..validation import Conversion
 
 # How much of an upstream answer is kept per attempt: enough to read an error message.
 RESPONSE_EXCERPT_CHARS = 500
+# Events deleted per transaction by a purge, so that intake is never locked out for long.
+PURGE_BATCH = 1000
 
 
 class Status(StrEnum):
@@ -380,18 +382,29 @@ class SqlStore:
             )
             return cursor.rowcount
 
-    def purge_delivered(self, older_than_ms: int) -> int:
-        """Delete delivered events (and their attempts) finished before ``older_than_ms``."""
-        doomed = "SELECT id FROM events WHERE status = 'delivered' AND finished_at_ms < ?"
-        with self.transaction() as cursor:
-            cursor.execute(
-                self.sql(f"DELETE FROM attempts WHERE event_pk IN ({doomed})"), (older_than_ms,)
-            )
-            cursor.execute(
-                self.sql("DELETE FROM events WHERE status = 'delivered' AND finished_at_ms < ?"),
-                (older_than_ms,),
-            )
-            return cursor.rowcount
+    def purge_delivered(self, older_than_ms: int, batch_size: int = PURGE_BATCH) -> int:
+        """Delete delivered events (and their attempts) finished before ``older_than_ms``.
+
+        In transactions of ``batch_size`` events: one transaction over months of events would
+        hold SQLite's write lock long enough for intake to answer 503 meanwhile.
+        """
+        purged = 0
+        while True:
+            with self.transaction() as cursor:
+                cursor.execute(
+                    self.sql(
+                        "SELECT id FROM events WHERE status = 'delivered' AND finished_at_ms < ?"
+                        " ORDER BY id LIMIT ?"
+                    ),
+                    (older_than_ms, batch_size),
+                )
+                ids = [row[0] for row in cursor.fetchall()]
+                if not ids:
+                    return purged
+                marks = ", ".join("?" for _ in ids)
+                cursor.execute(self.sql(f"DELETE FROM attempts WHERE event_pk IN ({marks})"), ids)
+                cursor.execute(self.sql(f"DELETE FROM events WHERE id IN ({marks})"), ids)
+                purged += len(ids)
 
     def list_events(
         self,
