@@ -142,12 +142,10 @@
     item.n++;
     var body = JSON.stringify(event);
 
-    // A string body makes this a CORS simple request (text/plain): no preflight.
+    // A string body makes this a CORS simple request (text/plain): no preflight. Cross-origin,
+    // the browser sends no cookies and only the page's origin as the referrer.
     try {
-      fetch(endpoint, {
-        method: 'POST', body: body, keepalive: true, mode: 'cors', credentials: 'omit',
-        referrerPolicy: 'no-referrer'
-      }).then(function (response) {
+      fetch(endpoint, {method: 'POST', body: body, keepalive: true}).then(function (response) {
         // 2xx is committed; any other 4xx but 408 and 429 can never be accepted.
         if (/^(2|4(?!08|29))/.test(response.status)) forget(event.id);
       }, function () {});
@@ -161,7 +159,8 @@
     } catch (e) {}
     try {
       var image = new Image();
-      image.referrerPolicy = 'no-referrer';
+      // The origin, not the page's URL: the collector checks it against its allowlist.
+      image.referrerPolicy = 'origin';
       image.src = endpoint + '?d=' + encodeURIComponent(body);
     } catch (e) {}
   }
@@ -175,7 +174,7 @@
   function track(type, props) {
     if (!callback || type == null || type === '') return;
 
-    var event = {v: 1, id: randomId(), type: '' + type, callback: callback, age_ms: 0};
+    var event = {v: 1, id: randomId(), type: '' + type, callback: callback};
     var leadId = props && props.lead_id != null ? String(props.lead_id) : '';
     if (leadId && leadId.length <= 128) event.lead_id = leadId;
 
