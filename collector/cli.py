@@ -123,8 +123,10 @@ _no_migrate = click.option(
 @pass_context
 def serve(ctx: Context, bind: str, workers: int, threads: int) -> None:
     """Run everything on one machine: migrations, the web server and a relay."""
+    from .server import check_bind_is_safe
     from .server import serve as run_serve
 
+    check_bind_is_safe(bind, ctx.config)
     ctx.migrate()
     sys.exit(run_serve(bind, workers, threads, ctx.config))
 

@@ -122,6 +122,8 @@ def _run_gunicorn(bind: str, workers: int, threads: int) -> None:
             "graceful_timeout": 20,
             "timeout": 30,
             "keepalive": 5,
+            # The image fallback carries a whole beacon (up to 8 KB) in its query string.
+            "limit_request_line": 8190,
             "child_exit": _child_exit,
             "proc_name": "ks-collector-web",
             # gunicorn 25+ opens one control socket per user by default; two collectors would clash.
@@ -158,8 +160,10 @@ def prepare_metrics_dir(config: Config) -> str:
 
 
 def serve(bind: str, workers: int, threads: int, config: Config) -> int:
-    """Run gunicorn and a relay as child processes; stop both on SIGTERM or Ctrl-C."""
-    check_bind_is_safe(bind, config)
+    """Run gunicorn and a relay as child processes; stop both on SIGTERM or Ctrl-C.
+
+    The caller has checked the bind address (``check_bind_is_safe``) and migrated the store.
+    """
     env = dict(os.environ)
     env["PROMETHEUS_MULTIPROC_DIR"] = prepare_metrics_dir(config)
     base = [sys.executable, "-m", "collector"]

@@ -35,6 +35,9 @@ _MACRO = re.compile(r"^__[A-Z0-9_]+__$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _EVENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _EVENT_ID_RULE = "must be 1 to 128 letters, digits or . _ : -"
+# A lead id is the advertiser's own text; anything printable, never control characters.
+_LEAD_ID = re.compile(r"^[^\x00-\x1f\x7f]{1,128}$")
+_LEAD_ID_RULE = "must be 1 to 128 characters without control characters"
 _DIGITS = re.compile(r"^[0-9]+$")
 _INTEGER = re.compile(r"^-?[0-9]{1,12}$")
 # A plain decimal as people write amounts: no exponent, no digit separators, no hex.
@@ -282,7 +285,7 @@ class TagEventSchema(_StrictSchema):
     type = fields.Raw(required=True)
     callback = fields.Raw(required=True)
     age_ms = fields.Integer(strict=True, load_default=0, validate=validate.Range(0, MAX_TAG_AGE_MS))
-    lead_id = fields.String(validate=validate.Length(1, 128))
+    lead_id = fields.String(validate=validate.Regexp(_LEAD_ID, error=_LEAD_ID_RULE))
 
 
 # OpenAPI shapes of the loosely typed fields below: numbers may also arrive as numeric strings.
@@ -337,7 +340,7 @@ class ApiEventSchema(_StrictSchema):
     )
     lead_id = fields.String(
         allow_none=True,
-        validate=validate.Length(1, 128),
+        validate=validate.Regexp(_LEAD_ID, error=_LEAD_ID_RULE),
         metadata={
             "description": "instead of callback: a lead id the tag reported with a form, "
             "resolved to that form's click id"
