@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page
 
 from collector.store import open_store
 from collector.validation import Conversion, now_ms
@@ -26,17 +26,6 @@ from tests.support.processes import RelayProcess, WebProcess, run_cli
 ADMIN_TOKEN = "admin-token-0123456789abcdef"
 API_TOKEN = "crm-token-0123456789abcdef"
 SCREENSHOT = Path(__file__).resolve().parents[2] / "test-output" / "admin-dashboard.png"
-
-# Debian's Chromium; Playwright's own browser download is not used.
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
 # The dashboard counts days from midnight in the server's zone; pin it so "today" is known.
 ZONE = dt.timezone(dt.timedelta(hours=8))
@@ -112,14 +101,6 @@ def dashboard(sqlite_url) -> Iterator[WebProcess]:
     yield web
     web.terminate()
     mock.stop()
-
-
-@pytest.fixture
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture
