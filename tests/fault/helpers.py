@@ -199,17 +199,26 @@ class Figures:
     delivered: int
     duplicated: int
     lost: int
+    # Requests the crashed processes had in flight: the most duplicates there may be.
+    in_flight_at_crashes: int | None = None
 
     @property
     def line(self) -> str:
-        return (
+        line = (
             f"{self.scenario} [{self.engine}]: sent {self.sent}, delivered {self.delivered}, "
             f"duplicated {self.duplicated}, lost {self.lost}"
         )
+        if self.in_flight_at_crashes is not None:
+            line += f" (in flight at the crashes: {self.in_flight_at_crashes})"
+        return line
 
 
 def delivery_figures(
-    scenario: str, engine: str, sent: Iterable[str], mock: MockKuaishou
+    scenario: str,
+    engine: str,
+    sent: Iterable[str],
+    mock: MockKuaishou,
+    in_flight_at_crashes: int | None = None,
 ) -> Figures:
     """Count what the mock accepted for the ``sent`` callbacks, print and save the figure.
 
@@ -220,7 +229,10 @@ def delivery_figures(
     accepted = accepted_by_mock(mock)
     delivered = sum(1 for callback in sent if accepted[callback] > 0)
     duplicated = sum(accepted[callback] - 1 for callback in sent if accepted[callback] > 1)
-    figures = Figures(scenario, engine, len(sent), delivered, duplicated, len(sent) - delivered)
+    lost = len(sent) - delivered
+    figures = Figures(
+        scenario, engine, len(sent), delivered, duplicated, lost, in_flight_at_crashes
+    )
     save_figures(figures)
     return figures
 

@@ -15,6 +15,7 @@ import requests
 
 from collector.store import SqlStore
 from tests.fault.helpers import (
+    QUICK_RELAY_ENV,
     all_finished,
     delivery_figures,
     engine_of,
@@ -78,18 +79,41 @@ def test_beacons_are_answered_at_once_while_kuaishou_does_not_answer_at_all(
     database_url: str, outbox: SqlStore, mock_kuaishou: MockKuaishou
 ) -> None:
     mock_kuaishou.set_mode("hang")  # every call waits out the relay's 10 s timeout
-    env = {**UNLIMITED, "KS_COLLECTOR_RELAY_CONCURRENCY": "8"}
+    env = {
+        **UNLIMITED,
+        **QUICK_RELAY_ENV,
+        "KS_COLLECTOR_RELAY_CONCURRENCY": "8",
+        "KS_COLLECTOR_UPSTREAM_TIMEOUT_SECONDS": "10",
+        "KS_COLLECTOR_LEASE_SECONDS": "30",
+    }
     server = CollectorServer(env, database_url=database_url, upstream_url=mock_kuaishou.url)
     server.start()
     session = requests.Session()
 
     slowest = 0.0
+    callbacks = []
     for number in range(200):
-        response = send_beacon(server.url, f"hung-{number:03d}", session=session)
+        callbacks.append(f"hung-{number:03d}")
+        response = send_beacon(server.url, callbacks[-1], session=session)
         assert response.status_code == 202
         slowest = max(slowest, response.elapsed.total_seconds())
     session.close()
 
-    assert len(mock_kuaishou.requests()) >= 8  # the relay is stuck on the first ones meanwhile
     assert slowest < 2.0  # far below the 10 s the relay waits for each answer
+    # The relay is stuck on its first eight (all its slots) and the rest wait in the outbox.
+    mock_kuaishou.wait_for_requests(8, timeout=20)
+    assert len(mock_kuaishou.requests()) == 8
     assert status_counts(outbox) == {"pending": 200}
+
+    # Kuaishou drops the hung calls and comes back healthy: everything goes out once.
+    mock_kuaishou.stop()
+    mock_kuaishou.set_mode("ok")
+    mock_kuaishou.start()
+    wait_until(lambda: all_finished(outbox, 200), 30, "every beacon to be delivered")
+    figures = delivery_figures(
+        "kuaishou not answering while beacons arrive",
+        engine_of(database_url),
+        callbacks,
+        mock_kuaishou,
+    )
+    assert (figures.delivered, figures.duplicated, figures.lost) == (200, 0, 0)

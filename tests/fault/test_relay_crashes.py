@@ -64,9 +64,12 @@ def test_relay_killed_ten_times_loses_nothing_and_repeats_only_requests_in_fligh
         wait_until(lambda: all_finished(outbox, len(sent)), 60, "every event to be delivered")
 
     figures = delivery_figures(
-        f"relay SIGKILLed {KILLS} times", engine_of(database_url), sent, mock_kuaishou
+        f"relay SIGKILLed {KILLS} times",
+        engine_of(database_url),
+        sent,
+        mock_kuaishou,
+        in_flight_at_crashes=in_flight_at_kills,
     )
-    print(f"  requests in flight at the {KILLS} kills: {in_flight_at_kills}")
     assert (figures.sent, figures.delivered, figures.lost) == (2000, 2000, 0)
     assert status_counts(outbox) == {"delivered": 2000}
     assert in_flight_at_kills > 0, "every kill found the relay idle: the test proves nothing"

@@ -56,6 +56,20 @@ def assert_accepted(response: requests.Response, status: str = "accepted") -> No
     assert (statuses or [body["status"]]) == [status]
 
 
+def deliver_and_count(
+    scenario: str, database_url: str, callbacks: list[str], mock: MockKuaishou
+) -> None:
+    """Run a relay until everything stored is delivered; assert each callback arrived once."""
+    store = migrated_store(database_url)
+    try:
+        with RelayProcess(QUICK_RELAY_ENV, database_url=database_url, upstream_url=mock.url):
+            wait_until(lambda: all_finished(store, len(callbacks)), 20, "delivery")
+    finally:
+        store.close()
+    figures = delivery_figures(scenario, engine_of(database_url), callbacks, mock)
+    assert (figures.delivered, figures.duplicated, figures.lost) == (len(callbacks), 0, 0)
+
+
 def in_thread(call: Callable[..., Any], *args: Any) -> tuple[threading.Thread, list[Any]]:
     """Start ``call(*args)`` on a thread; the list receives its result or exception."""
     outcome: list[Any] = []
@@ -72,7 +86,7 @@ def in_thread(call: Callable[..., Any], *args: Any) -> tuple[threading.Thread, l
 
 
 def test_store_locked_past_its_timeout_is_answered_503_and_the_retry_stores_once(
-    database_url: str, outbox: SqlStore
+    database_url: str, outbox: SqlStore, mock_kuaishou: MockKuaishou
 ) -> None:
     web = WebProcess(API_ENV, workers=1, threads=4, database_url=database_url).start()
     with write_lock_held(database_url):
@@ -91,6 +105,12 @@ def test_store_locked_past_its_timeout_is_answered_503_and_the_retry_stores_once
     assert_accepted(send_beacon(web.url, "locked-tag", "locked-tag"), "duplicate")
     assert rows_with_event_id(outbox, "locked-tag") == 1
     assert rows_with_event_id(outbox, "locked-api") == 1
+    deliver_and_count(
+        "store locked past its timeout: 503, client retries",
+        database_url,
+        ["locked-tag", "locked-api"],
+        mock_kuaishou,
+    )
 
 
 @pytest.fixture
@@ -122,7 +142,7 @@ def fill_disk(path: Path) -> None:
 
 
 def test_sqlite_on_a_full_disk_is_answered_503_and_the_retry_stores_once(
-    tiny_disk: Path,
+    tiny_disk: Path, mock_kuaishou: MockKuaishou
 ) -> None:
     database_url = f"sqlite:///{tiny_disk / 'ks-collector.db'}"
     run_cli(["migrate"], database_url=database_url)
@@ -143,10 +163,16 @@ def test_sqlite_on_a_full_disk_is_answered_503_and_the_retry_stores_once(
             assert rows_with_event_id(store, event_id) == 1
     finally:
         store.close()
+    deliver_and_count(
+        "SQLite disk full: 503, client retries",
+        database_url,
+        ["before-full", "disk-full", "disk-full-api"],
+        mock_kuaishou,
+    )
 
 
 def test_postgresql_down_is_answered_503_until_it_is_back_and_the_retry_stores_once(
-    postgres_url: str,
+    postgres_url: str, mock_kuaishou: MockKuaishou
 ) -> None:
     run_cli(["migrate"], database_url=postgres_url)
     proxy = TcpProxy.in_front_of(postgres_url).start()
@@ -179,6 +205,12 @@ def test_postgresql_down_is_answered_503_until_it_is_back_and_the_retry_stores_o
     finally:
         store.close()
     proxy.stop()
+    deliver_and_count(
+        "PostgreSQL down: 503, client retries",
+        postgres_url,
+        ["before-down", "pg-down", "pg-down-api"],
+        mock_kuaishou,
+    )
 
 
 def test_worker_killed_mid_request_fails_the_request_and_the_retry_stores_once(
