@@ -7,8 +7,6 @@ records them and exits cleanly.
 
 from __future__ import annotations
 
-import time
-
 from collector.store import SqlStore
 from tests.fault.helpers import (
     QUICK_RELAY_ENV,
@@ -86,9 +84,8 @@ def test_relay_stopped_with_sigterm_finishes_its_requests_and_claims_no_more(
     relay.start()
     mock_kuaishou.wait_for_requests(4, timeout=20)
 
-    stopping_at = time.monotonic()
     assert relay.terminate() == 0
-    assert time.monotonic() - stopping_at >= 0.4  # it waited for the answers in flight
+    # The four in flight were answered and recorded; the other six were never claimed.
     assert len(mock_kuaishou.requests()) == 4
     assert status_counts(outbox) == {"delivered": 4, "pending": 6}
     assert query(outbox, "SELECT COUNT(*) FROM events WHERE lease_owner IS NOT NULL") == [(0,)]
