@@ -155,6 +155,25 @@ def test_transient_answer_schedules_the_retry_in_the_store_with_backoff(
     assert (tried["outcome"], tried["http_status"]) == ("transient", 503)
 
 
+def test_retry_schedule_outlives_the_relay(
+    store: SqlStore, mock_kuaishou: MockKuaishou, start_relay: Any
+) -> None:
+    mock_kuaishou.set_mode("http_503")
+    [callback] = queue_conversions(store, form_conversions("later", 1))
+    config = relay_config(mock_kuaishou.url, retry_base_seconds=30, retry_max_delay_seconds=1800)
+    first = start_relay(config)
+    wait_until(lambda: callback in attempts_by_callback(store), 10, "a first attempt")
+    first.stop()
+
+    mock_kuaishou.set_mode("ok")
+    second = start_relay(config)
+    time.sleep(0.5)  # ten polls of the new relay
+    second.stop()
+
+    assert len(mock_kuaishou.requests()) == 1
+    assert status_counts(store) == {"pending": 1}
+
+
 def test_retry_after_from_kuaishou_is_honoured(
     store: SqlStore, mock_kuaishou: MockKuaishou, start_relay: Any
 ) -> None:

@@ -241,7 +241,12 @@ class SqlStore:
     # ---- relay -------------------------------------------------------------------------------
 
     def claim_due(self, owner: str, limit: int, now_ms: int, lease_ms: int) -> list[DueEvent]:
-        """Lease up to ``limit`` due events to ``owner``; expired leases count as free."""
+        """Lease up to ``limit`` due events to ``owner``; expired leases count as free.
+
+        Times are the calling relay's clock. Relays on several machines must keep their clocks
+        within a small part of the lease of each other (NTP): one running ahead would take
+        leases still held by another and send those events a second time.
+        """
         with self.transaction() as cursor:
             cursor.execute(self.claim_sql, (owner, now_ms + lease_ms, now_ms, now_ms, limit))
             rows = cursor.fetchall()
