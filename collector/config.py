@@ -56,6 +56,19 @@ def _parse_tokens(raw: str) -> dict[str, str]:
     return tokens
 
 
+def _log_level(raw: str) -> str:
+    level = raw.strip().upper()
+    if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+        raise ValueError("expected DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    return level
+
+
+def _log_format(raw: str) -> str:
+    if raw.strip().lower() not in {"text", "json"}:
+        raise ValueError("expected text or json")
+    return raw.strip().lower()
+
+
 def _positive(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     def parse_positive(raw: str) -> Any:
         value = parse(raw)
@@ -197,8 +210,8 @@ SETTINGS: tuple[Setting, ...] = (
         str,
         "Token for the /admin dashboard and its replay button. Empty: dashboard off.",
     ),
-    Setting("log_format", "text", str, "`text` or `json`."),
-    Setting("log_level", "INFO", str, "Python logging level."),
+    Setting("log_format", "text", _log_format, "`text` or `json`."),
+    Setting("log_level", "INFO", _log_level, "DEBUG, INFO, WARNING, ERROR or CRITICAL."),
     Setting(
         "metrics_dir",
         "",

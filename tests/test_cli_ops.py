@@ -329,13 +329,26 @@ def test_the_admin_token_is_reported(ready_store, token, expected):
     assert ADMIN_TOKEN not in json.dumps(findings)
 
 
-def test_an_unknown_log_format_is_a_warning_and_a_bad_level_a_failure(ready_store):
-    _, findings = check(ready_store, log_format="xml")
-    assert findings["logging"] == ("warn", "KS_COLLECTOR_LOG_FORMAT='xml': using text")
+def test_an_unknown_log_format_or_level_is_a_configuration_failure(ready_store):
+    code, findings = check(ready_store, log_format="xml")
+    assert code == 1
+    assert findings["config"] == ("fail", "KS_COLLECTOR_LOG_FORMAT='xml': expected text or json")
 
     code, findings = check(ready_store, log_level="LOUD")
     assert code == 1
-    assert findings["logging"] == ("fail", "KS_COLLECTOR_LOG_LEVEL='LOUD' is unknown")
+    assert findings["config"] == (
+        "fail",
+        "KS_COLLECTOR_LOG_LEVEL='LOUD': expected DEBUG, INFO, WARNING, ERROR or CRITICAL",
+    )
+
+
+def test_a_bad_log_level_is_a_one_line_error_for_every_command(sqlite_url):
+    result = run_cli(
+        ["events"], {"KS_COLLECTOR_LOG_LEVEL": "LOUD"}, database_url=sqlite_url, check=False
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "KS_COLLECTOR_LOG_LEVEL='LOUD'" in result.stderr
 
 
 # ---- stats -------------------------------------------------------------------------------------

@@ -32,6 +32,6 @@ def test_quick_start_has_exactly_the_two_commands() -> None:
     quick_start = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
     commands = re.findall(r"```sh\n(.*?)\n```", quick_start, re.S)
     assert commands == [
-        "python3 -m pip install -e . && ks-collector serve",
+        "python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/ks-collector serve",
         "bash scripts/test",
     ]
