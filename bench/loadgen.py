@@ -124,27 +124,31 @@ async def _open_loop(
     failures: list[str] = []
 
     async def connection_worker() -> None:
-        reader, writer = await asyncio.open_connection(host, port)
-        try:
-            while (ticket := await due.get()) is not None:
-                number, due_at = ticket
-                body = beacon(run_hex, number)
-                head = (
-                    f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-                    f"Content-Type: {BEACON_CONTENT_TYPE}\r\nContent-Length: {len(body)}\r\n\r\n"
-                ).encode()
+        connection: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        while (ticket := await due.get()) is not None:
+            number, due_at = ticket
+            request = _beacon_request(host, port, path, beacon(run_hex, number))
+            status = None
+            for _attempt in range(2):
                 try:
-                    status = await _exchange(reader, writer, head + body)
-                except (ConnectionError, asyncio.IncompleteReadError):
-                    # The server closed an idle keep-alive connection: open another, send again.
-                    writer.close()
-                    reader, writer = await asyncio.open_connection(host, port)
-                    status = await _exchange(reader, writer, head + body)
-                latencies.append(loop.time() - due_at)
-                if not 200 <= status < 300:
-                    failures.append(str(status))
-        finally:
-            writer.close()
+                    if connection is None:
+                        connection = await asyncio.open_connection(host, port)
+                    status = await _exchange(*connection, request)
+                    break
+                except (OSError, asyncio.IncompleteReadError, ValueError):
+                    # The server closed a keep-alive connection (idle too long, or a worker
+                    # restarting): open another and send again, once.
+                    if connection is not None:
+                        connection[1].close()
+                    connection = None
+            if status is None:
+                failures.append("connection")
+                continue
+            latencies.append(loop.time() - due_at)
+            if not 200 <= status < 300:
+                failures.append(str(status))
+        if connection is not None:
+            connection[1].close()
 
     loop = asyncio.get_running_loop()
     workers = [asyncio.create_task(connection_worker()) for _ in range(connections)]
@@ -158,7 +162,13 @@ async def _open_loop(
         due.put_nowait((number, due_at))
     for _ in workers:
         due.put_nowait(None)
-    await asyncio.gather(*workers)
+    try:
+        await asyncio.wait_for(asyncio.gather(*workers), timeout=seconds * 3 + 30)
+    except TimeoutError:
+        raise LoadError(
+            f"the server fell behind {rate:.0f} requests/s: {len(latencies)} of {total} "
+            f"answered in time"
+        ) from None
     elapsed = loop.time() - started
     latencies.sort()
     return LoadResult(
@@ -167,9 +177,17 @@ async def _open_loop(
         errors=len(failures),
         p50_ms=percentile(latencies, 50) * 1000,
         p99_ms=percentile(latencies, 99) * 1000,
-        max_ms=latencies[-1] * 1000,
+        max_ms=latencies[-1] * 1000 if latencies else math.nan,
         offered_rate=rate,
     )
+
+
+def _beacon_request(host: str, port: int, path: str, body: bytes) -> bytes:
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+        f"Content-Type: {BEACON_CONTENT_TYPE}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
 
 
 async def _exchange(
