@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import loadgen, profiling
+from bench.cpu import cpu_seconds
 from bench.loadgen import LoadResult
 from bench.services import BareApp
 from collector.store import open_store
@@ -36,9 +37,18 @@ class Settings:
 
 
 @dataclass(frozen=True)
+class Saturated:
+    """A saturation run and the server CPU it took, in milliseconds per answered request."""
+
+    load: LoadResult
+    cpu_ms_per_request: float
+
+
+@dataclass(frozen=True)
 class IngestFigures:
     store: str
-    saturated: LoadResult
+    connections: int  # wrk's, at saturation
+    saturated: Saturated
     at_half: LoadResult
     bare_at_half: LoadResult
     committed_rows: int
@@ -59,15 +69,10 @@ class BareBaseline:
     def __exit__(self, *_: object) -> None:
         self.app.stop()
 
-    def saturate(self) -> LoadResult:
+    def saturate(self) -> Saturated:
         url = self.app.url + "/collect"
         _warm_up(url, self.settings)
-        return loadgen.saturate(
-            url,
-            seconds=self.settings.seconds,
-            connections=self.settings.connections,
-            run_hex=secrets.token_hex(4),
-        )
+        return _saturate_measuring_cpu(url, [self.app.pid, *self.app.worker_pids()], self.settings)
 
     def at_rate(self, rate: float) -> LoadResult:
         return loadgen.open_loop(
@@ -110,15 +115,10 @@ def measure_collector(
                 profile_dir,
                 subprocesses=True,
             )
-        saturated = loadgen.saturate(
-            url,
-            seconds=settings.seconds,
-            connections=settings.connections,
-            run_hex=secrets.token_hex(4),
-        )
+        saturated = _saturate_measuring_cpu(url, web.tree_pids(), settings)
         if recording is not None:
             profile = recording.finish()
-        half = saturated.rate / 2
+        half = saturated.load.rate / 2
         at_half = loadgen.open_loop(
             url,
             rate=half,
@@ -130,13 +130,29 @@ def measure_collector(
         web.terminate(check=False)
     figures = IngestFigures(
         store=store_name,
+        connections=settings.connections,
         saturated=saturated,
         at_half=at_half,
         bare_at_half=bare.at_rate(half),
         committed_rows=count_events(database_url) - warmup_rows,
-        answered_2xx=saturated.requests - saturated.errors + at_half.requests - at_half.errors,
+        answered_2xx=(
+            saturated.load.requests - saturated.load.errors + at_half.requests - at_half.errors
+        ),
     )
     return figures, profile
+
+
+def _saturate_measuring_cpu(url: str, pids: list[int], settings: Settings) -> Saturated:
+    """wrk at saturation, and the CPU the server's processes (``pids``) used meanwhile."""
+    cpu_before = cpu_seconds(pids)
+    load = loadgen.saturate(
+        url,
+        seconds=settings.seconds,
+        connections=settings.connections,
+        run_hex=secrets.token_hex(4),
+    )
+    cpu = cpu_seconds(pids) - cpu_before
+    return Saturated(load, cpu * 1000 / load.requests if load.requests else 0.0)
 
 
 def _warm_up(url: str, settings: Settings) -> int:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import profiling
+from bench.cpu import cpu_seconds
 from bench.services import MockUpstream
 from collector.config import Config
 from collector.kuaishou import KuaishouClient
@@ -40,7 +41,9 @@ class RelayFigures:
     seconds: float
     upstream_calls: int
     duplicate_callbacks: int
-    baseline_rate: float  # the HTTP client alone against the same mock
+    cpu_ms_per_event: float  # the relay process's CPU from its first call to the last record
+    baseline_rate: float  # the relay's Kuaishou client alone against the same mock
+    baseline_cpu_ms_per_call: float
 
     @property
     def rate(self) -> float:
@@ -102,6 +105,7 @@ def measure_relay(
         ).start()
         try:
             first_call = _wait_for_first_call(mock, relay)
+            cpu_at_first_call = cpu_seconds([relay.pid])
             recording = None
             if profile_dir is not None:
                 recording = profiling.record(
@@ -112,13 +116,14 @@ def measure_relay(
                     subprocesses=False,
                 )
             finished = _wait_until_delivered(database_url, events, relay)
+            relay_cpu = cpu_seconds([relay.pid]) - cpu_at_first_call
             if recording is not None:
                 profile = recording.finish()
         finally:
             relay.terminate(check=False)
         stats = mock.stats()
         concurrency = Config.from_env(env).relay_concurrency
-        baseline = client_alone_rate(mock.url, concurrency, baseline_seconds)
+        baseline_rate, baseline_cpu = client_alone_rate(mock.url, concurrency, baseline_seconds)
     finally:
         mock.stop()
     figures = RelayFigures(
@@ -127,7 +132,9 @@ def measure_relay(
         seconds=finished - first_call,
         upstream_calls=int(stats["count"]),
         duplicate_callbacks=len(stats["duplicate_callbacks"]),
-        baseline_rate=baseline,
+        cpu_ms_per_event=relay_cpu * 1000 / events,
+        baseline_rate=baseline_rate,
+        baseline_cpu_ms_per_call=baseline_cpu,
     )
     return figures, profile
 
@@ -153,8 +160,9 @@ def _wait_until_delivered(database_url: str, events: int, relay: RelayProcess) -
     return time.monotonic()
 
 
-def client_alone_rate(upstream_url: str, threads: int, seconds: float) -> float:
-    """Calls per second ``threads`` threads make through one ``KuaishouClient``, no store."""
+def client_alone_rate(upstream_url: str, threads: int, seconds: float) -> tuple[float, float]:
+    """Calls per second ``threads`` threads make through one ``KuaishouClient``, no store, and
+    the CPU milliseconds per call (this process's, which does nothing else meanwhile)."""
     client = KuaishouClient(upstream_url, timeout_seconds=10, pool_size=threads)
     stop_at = time.monotonic() + seconds
     calls = [0] * threads
@@ -180,11 +188,12 @@ def client_alone_rate(upstream_url: str, threads: int, seconds: float) -> float:
                 failures.append(answer.error or answer.outcome.value)
             calls[slot] += 1
 
-    started = time.monotonic()
+    started, cpu_before = time.monotonic(), time.process_time()
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(call_repeatedly, range(threads)))
-    elapsed = time.monotonic() - started
+    elapsed, cpu = time.monotonic() - started, time.process_time() - cpu_before
     client.close()
     if failures:
         raise RuntimeError(f"the baseline client failed {len(failures)} calls: {failures[0]}")
-    return sum(calls) / elapsed
+    total = sum(calls)
+    return total / elapsed, cpu * 1000 / total if total else 0.0

@@ -123,9 +123,9 @@ def _ms(value: float) -> str:
 # ---- the parts ---------------------------------------------------------------------------------
 
 
-def add_ingest(report: Report, figures: IngestFigures, bare_saturated: loadgen.LoadResult) -> None:
-    saturated, at_half, bare_half = figures.saturated, figures.at_half, figures.bare_at_half
-    ratio = saturated.rate / bare_saturated.rate if bare_saturated.rate else 0.0
+def add_ingest(report: Report, figures: IngestFigures, bare: ingest.Saturated) -> None:
+    saturated, at_half, bare_half = figures.saturated.load, figures.at_half, figures.bare_at_half
+    ratio = saturated.rate / bare.load.rate if bare.load.rate else 0.0
     store = figures.store
     if figures.committed_rows < figures.answered_2xx:
         report.problems.append(
@@ -147,10 +147,12 @@ def add_ingest(report: Report, figures: IngestFigures, bare_saturated: loadgen.L
     )
     report.rows += [
         Row(
-            f"ingest rate, {store} (wrk, {ingest_connections()} connections)",
+            f"ingest rate, {store} (wrk, {figures.connections} connections)",
             f"{_n(saturated.rate)} beacons/s (p50 {_ms(saturated.p50_ms)}, "
-            f"p99 {_ms(saturated.p99_ms)})",
-            f"bare Flask 204: {_n(bare_saturated.rate)} req/s",
+            f"p99 {_ms(saturated.p99_ms)}); server CPU "
+            f"{figures.saturated.cpu_ms_per_request:.2f} ms/beacon",
+            f"bare Flask 204: {_n(bare.load.rate)} req/s; server CPU "
+            f"{bare.cpu_ms_per_request:.2f} ms/req",
             f"{ratio:.2f}",
             f"≥ {INGEST_RATIO_TARGET:.2f}",
             verdict(ratio >= INGEST_RATIO_TARGET),
@@ -167,10 +169,6 @@ def add_ingest(report: Report, figures: IngestFigures, bare_saturated: loadgen.L
     ]
 
 
-def ingest_connections() -> int:
-    return MODES["full"].ingest.connections
-
-
 def add_relay(report: Report, figures: relay_rate.RelayFigures, store: str) -> None:
     if figures.duplicate_callbacks or figures.upstream_calls != figures.events:
         report.problems.append(
@@ -182,8 +180,9 @@ def add_relay(report: Report, figures: relay_rate.RelayFigures, store: str) -> N
         Row(
             f"relay, one process, {store}, {figures.latency_ms:g} ms upstream "
             f"({figures.events:,} events)",
-            f"{_n(figures.rate)} deliveries/s",
-            f"its Kuaishou client alone, same threads: {_n(figures.baseline_rate)} calls/s",
+            f"{_n(figures.rate)} deliveries/s; relay CPU {figures.cpu_ms_per_event:.2f} ms/event",
+            f"its Kuaishou client alone, same threads: {_n(figures.baseline_rate)} calls/s; "
+            f"CPU {figures.baseline_cpu_ms_per_call:.2f} ms/call",
             f"{figures.rate / figures.baseline_rate:.2f}" if figures.baseline_rate else "",
             f"≥ {_n(RELAY_RATE_TARGET)}/s" if targeted else "",
             verdict(figures.rate >= RELAY_RATE_TARGET) if targeted else "",
@@ -359,7 +358,7 @@ def run_ingest(run: Run) -> None:
 
 
 def run_postgres_ingest(
-    run: Run, bare: ingest.BareBaseline, bare_saturated: loadgen.LoadResult
+    run: Run, bare: ingest.BareBaseline, bare_saturated: ingest.Saturated
 ) -> None:
     """The ingest rows on a throwaway PostgreSQL cluster (tests/support/postgres.py)."""
     from tests.support.postgres import PostgresCluster, PostgresUnavailable
