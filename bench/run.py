@@ -222,7 +222,7 @@ def tag_row(figures: tag_size.TagFigures, report: Report) -> Row:
 # ---- the report ------------------------------------------------------------------------------
 
 
-def machine_lines() -> list[str]:
+def machine_lines(env: dict[str, str]) -> list[str]:
     cpu = platform.processor() or "?"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -249,15 +249,16 @@ def machine_lines() -> list[str]:
         f"{platform.release()}; load generator, servers and database share it",
         f"- Python {platform.python_version()}; gunicorn {WORKERS} workers x {THREADS} threads "
         "(gthread), as `ks-collector web` runs by default; other settings shipped defaults except "
-        f"{', '.join(f'{k}={v}' for k, v in BENCH_ENV.items())}",
+        f"{', '.join(f'{k}={v}' for k, v in env.items())}",
         f"- code: {revision or 'unknown revision'}",
     ]
 
 
-def render(report: Report, mode: Mode, seconds: float, profiled: bool, load_before: float) -> str:
+def render(run: Run, seconds: float, profiled: bool, load_before: float) -> str:
+    report, mode = run.report, run.mode
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"# ks-collector benchmark ({mode.name} run, {when}, {seconds:.0f} s)", ""]
-    lines += machine_lines()
+    lines += machine_lines(run.env)
     load_after = os.getloadavg()[0]
     lines.append(
         f"- load average (1 min) before the run: {load_before:.2f}, after: {load_after:.2f}"
@@ -305,6 +306,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"comma-separated parts to run (default: all of {','.join(PARTS)})",
     )
     parser.add_argument("--no-postgres", action="store_true", help="leave out PostgreSQL rows")
+    parser.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KS_COLLECTOR_NAME=VALUE",
+        help="a collector setting for every process of the run, to compare with the defaults",
+    )
     parser.add_argument("--profile", action="store_true", help="sample with py-spy under load")
     parser.add_argument(
         "--output",
@@ -313,6 +322,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="where the table goes (default: test-output/bench.md)",
     )
     args = parser.parse_args(argv)
+    for setting in args.settings:
+        name, sep, _value = setting.partition("=")
+        if not sep or not name.startswith("KS_COLLECTOR_"):
+            parser.error(f"--set takes KS_COLLECTOR_NAME=VALUE, not {setting!r}")
     unknown = set(args.only) - set(PARTS)
     if unknown:
         parser.error(f"unknown part(s) {', '.join(sorted(unknown))}; choose from {PARTS}")
@@ -444,12 +457,13 @@ def main(argv: list[str] | None = None) -> int:
             log_dir=output.parent / "bench-logs",
             profile_dir=output.parent / "bench-profiles" if args.profile else None,
         )
+        run.env.update(setting.split("=", 1) for setting in args.settings)
         say(f"{mode.name} run; logs in {run.log_dir}")
         for name, part in PARTS.items():
             if name in args.only:
                 part(run)
 
-    text = render(run.report, mode, time.monotonic() - started, args.profile, load_before)
+    text = render(run, time.monotonic() - started, args.profile, load_before)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text)
     print(text)
