@@ -21,8 +21,30 @@ PY_SPY_INSTALL_HINT = "pip install py-spy"
 # Samples per second; a prime, so sampling does not beat in step with periodic work.
 SAMPLE_RATE = 97
 
-# Frames of thread start-up that every stack shares; they say nothing about the work.
-_PLUMBING = re.compile(r"\((threading|concurrent/futures/thread)\.py:\d+\)$")
+# Frames every stack shares (thread start-up, and the process marker py-spy puts at the root
+# of each stack with --subprocesses); they say nothing about the work.
+_PLUMBING = re.compile(r"\((threading|concurrent/futures/thread)\.py:\d+\)$|^process \d+:")
+
+
+# Layers a sample is counted in: the innermost frame that matches one of these decides.
+LAYERS = (
+    ("store (collector/store)", re.compile(r"collector/store/")),
+    ("rate limits (flask_limiter, limits)", re.compile(r"flask_limiter/|limits/")),
+    (
+        "validation (collector/validation.py, marshmallow)",
+        re.compile(r"validation\.py|marshmallow/"),
+    ),
+    (
+        "Kuaishou client (kuaishou.py, requests, urllib3)",
+        re.compile(r"kuaishou\.py|requests/|urllib3/"),
+    ),
+    ("metrics (prometheus_client)", re.compile(r"prometheus_client/|collector/metrics\.py")),
+    ("logging", re.compile(r"logging/|collector/logs\.py")),
+    ("relay loop (collector/relay.py)", re.compile(r"collector/relay\.py")),
+    ("web views (collector/web)", re.compile(r"collector/web/")),
+    ("Flask, werkzeug", re.compile(r"flask/|werkzeug/")),
+    ("gunicorn (HTTP, sockets, worker loop)", re.compile(r"gunicorn/")),
+)
 
 
 @dataclass
@@ -33,7 +55,7 @@ class Recording:
     outputs: dict[str, Path]
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    def finish(self, top: int = 15) -> str:
+    def finish(self, top: int = 20) -> str:
         for process in self.processes:
             process.wait(timeout=120)
         sections = []
@@ -84,6 +106,7 @@ def summarize(collapsed: Path, title: str, top: int) -> str:
     function including what it calls (inclusive)."""
     own: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
+    layers: collections.Counter[str] = collections.Counter()
     total = 0
     for line in collapsed.read_text(errors="replace").splitlines():
         stack, _, count_text = line.rpartition(" ")
@@ -95,12 +118,23 @@ def summarize(collapsed: Path, title: str, top: int) -> str:
             continue
         total += count
         own[frames[-1]] += count
+        layers[_layer(frames)] += count
         for function in {re.sub(r":\d+\)$", ")", frame) for frame in frames}:
             inclusive[function] += count
     if total == 0:
         return f"## {title}: no samples ({collapsed.name})\n"
-    lines = [f"## {title}: {total} samples ({collapsed.name})", "", "self (by line):"]
+    lines = [f"## {title}: {total} samples ({collapsed.name})", "", "by layer:"]
+    lines += [f"  {count / total:6.1%}  {layer}" for layer, count in layers.most_common()]
+    lines += ["", "self (by line):"]
     lines += [f"  {count / total:6.1%}  {frame}" for frame, count in own.most_common(top)]
     lines += ["", "inclusive (by function):"]
     lines += [f"  {count / total:6.1%}  {frame}" for frame, count in inclusive.most_common(top)]
     return "\n".join(lines) + "\n"
+
+
+def _layer(frames: list[str]) -> str:
+    for frame in reversed(frames):
+        for name, pattern in LAYERS:
+            if pattern.search(frame):
+                return name
+    return "other (interpreter, threads, selectors)"

@@ -406,7 +406,7 @@ def run_relay(run: Run) -> None:
             baseline_seconds=run.mode.relay_baseline_seconds,
             env=run.env,
             log_dir=run.log_dir,
-            profile_dir=run.profile_dir if latency == RELAY_TARGET_LATENCY_MS else None,
+            profile_dir=run.profile_dir,
         )
         add_relay(run.report, figures, "SQLite")
         run.profiles.append(profile)
