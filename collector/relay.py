@@ -69,7 +69,9 @@ class Relay:
         )
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32):08x}"
         self.stopping = threading.Event()
-        self._finished: queue.SimpleQueue[AttemptResult] = queue.SimpleQueue()
+        # queue.Queue, not SimpleQueue: on Python 3.11 a signal (SIGTERM) landing near the end
+        # of SimpleQueue.get(timeout) can leave it blocked for good, and the relay deaf to stop.
+        self._finished: queue.Queue[AttemptResult] = queue.Queue()
         self._unrecorded: list[AttemptResult] = []
         self._in_flight = 0
         self._record_again_at = 0.0  # after a failed record, when to try the store again

@@ -8,9 +8,12 @@ more but finishes and records what is in flight.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -273,3 +276,43 @@ def test_stopping_claims_nothing_more_and_records_the_requests_in_flight(
     assert len(mock_kuaishou.requests()) == 2
     assert status_counts(store) == {"delivered": 2, "pending": 4}
     assert query(store, "SELECT COUNT(*) FROM events WHERE lease_owner IS NOT NULL") == [(0,)]
+
+
+# Run as a script by the test below: a relay in the main thread of its own process, its waits
+# interrupted by a signal every millisecond (as SIGTERM interrupts one), stopped after 2 s.
+_RELAY_UNDER_SIGNALS = """
+import os, signal, sys, threading, time
+from collector.config import Config
+from collector.relay import Relay
+from collector.store import open_store
+
+store = open_store(sys.argv[1])
+store.migrate()
+config = Config.from_env({}, upstream_url="http://127.0.0.1:9/", relay_poll_seconds=0.01)
+relay = Relay(store, config, name="signalled")
+signal.signal(signal.SIGUSR1, lambda *_: None)
+
+def pester():
+    for _ in range(2000):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.001)
+    relay.stop()
+
+threading.Thread(target=pester, daemon=True).start()
+relay.run()
+"""
+
+
+def test_relay_stops_even_when_signals_keep_interrupting_its_waits(sqlite_url: str) -> None:
+    # Python 3.11's queue.SimpleQueue.get(timeout) can block for good when a signal lands
+    # near the end of its timeout; a relay idling there ignored SIGTERM.
+    finished = subprocess.run(
+        [sys.executable, "-c", _RELAY_UNDER_SIGNALS, sqlite_url],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+
+    assert finished.returncode == 0, finished.stderr
