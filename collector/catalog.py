@@ -203,7 +203,8 @@ def lookup(value: object) -> EventType | None:
         return BY_CODE.get(value)
     if isinstance(value, str):
         text = value.strip()
-        if text.isdigit() and len(text) <= 4:
+        # ASCII only: int() would also read "²" or "٩" and str.isdigit() lets them through.
+        if text.isascii() and text.isdigit() and len(text) <= 4:
             return BY_CODE.get(int(text))
         return BY_NAME.get(text.lower())
     return None

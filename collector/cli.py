@@ -18,11 +18,12 @@ import click
 from . import catalog
 from .config import Config, ConfigError
 from .logs import configure_logging
-from .store import SqlStore, StoreUnavailable, open_store
+from .store import MAX_INT64, SqlStore, StoreUnavailable, open_store
 from .validation import EventRefused, now_ms, validate_api_event
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNIT_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+_LONGEST_DURATION_MS = 100 * 366 * 86_400_000
 
 
 def parse_duration_ms(text: str) -> int:
@@ -30,7 +31,10 @@ def parse_duration_ms(text: str) -> int:
     match = _DURATION.match(text.strip())
     if not match:
         raise click.BadParameter(f"{text!r} is not a duration like 90s, 15m, 24h or 30d")
-    return int(float(match.group(1)) * _UNIT_MS[match.group(2)])
+    duration = int(float(match.group(1)) * _UNIT_MS[match.group(2)])
+    if duration > _LONGEST_DURATION_MS:
+        raise click.BadParameter(f"{text!r} is longer than a hundred years")
+    return duration
 
 
 def parse_time_ms(text: str) -> int:
@@ -205,8 +209,12 @@ def send(
             body[name] = value
     for pair in params:
         name, sep, value = pair.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{pair!r} is not NAME=VALUE", param_hint="--param")
+        if not sep or name.strip() not in catalog.KUAISHOU_PARAMETERS:
+            raise click.BadParameter(
+                f"{pair!r} is not NAME=VALUE with NAME one of "
+                f"{', '.join(catalog.KUAISHOU_PARAMETERS)}",
+                param_hint="--param",
+            )
         body[name.strip()] = value
     config = ctx.config
     try:
@@ -276,7 +284,9 @@ def events(
 
 
 @main.command()
-@click.option("--id", "ids", multiple=True, type=int, help="Event id (repeatable).")
+@click.option(
+    "--id", "ids", multiple=True, type=click.IntRange(1, MAX_INT64), help="Event id (repeatable)."
+)
 @click.option("--since", help="Received at or after: ISO time or a duration ago (24h).")
 @click.option("--until", help="Received before: ISO time or a duration ago.")
 @click.option("--error", "error_contains", help="Only events whose last answer contains this.")

@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, ClassVar
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate
 
@@ -31,19 +31,21 @@ MAX_TAG_AGE_MS = 2 * 24 * 3600 * 1000
 # Largest amount we believe is a real single conversion, in yuan.
 MAX_AMOUNT_YUAN = Decimal("100000000")
 
-_MACRO = re.compile(r"^__[A-Z0-9_]+__$")
+_MACRO = re.compile(r"^__[A-Z0-9_]+__\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_EVENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# These two are also OpenAPI patterns, so they end with an ECMAScript-compatible "(?!\n)$" where
+# the others use "\Z": either way a trailing newline is not silently accepted.
+_EVENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}(?!\n)$")
 _EVENT_ID_RULE = "must be 1 to 128 letters, digits or . _ : -"
 # A lead id is the advertiser's own text; anything printable, never control characters.
-_LEAD_ID = re.compile(r"^[^\x00-\x1f\x7f]{1,128}$")
+_LEAD_ID = re.compile(r"^[^\x00-\x1f\x7f]{1,128}(?!\n)$")
 _LEAD_ID_RULE = "must be 1 to 128 characters without control characters"
-_DIGITS = re.compile(r"^[0-9]+$")
-_INTEGER = re.compile(r"^-?[0-9]{1,12}$")
+_DIGITS = re.compile(r"^[0-9]+\Z")
+_INTEGER = re.compile(r"^-?[0-9]{1,12}\Z")
 # A plain decimal as people write amounts: no exponent, no digit separators, no hex.
-_DECIMAL = re.compile(r"^-?([0-9]+(\.[0-9]*)?|\.[0-9]+)$")
+_DECIMAL = re.compile(r"^-?([0-9]+(\.[0-9]*)?|\.[0-9]+)\Z")
 # A double as Kuaishou's predicted values may be written: a decimal, optionally with an exponent.
-_FLOAT = re.compile(r"^-?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?$")
+_FLOAT = re.compile(r"^-?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?\Z")
 _NOT_FINITE = frozenset({"nan", "snan", "inf", "infinity"})
 
 
@@ -100,9 +102,13 @@ def _callback_inside_url(value: str) -> str | None:
         value = unquote(value)
     elif not lowered.startswith(("http://", "https://")):
         return None
-    query = parse_qs(urlsplit(value).query, keep_blank_values=True)
-    values = query.get("callback")
-    return values[0] if values else None
+    # The query's or a hash route's callback, percent-decoded once with '+' kept as '+' (click
+    # ids carry a raw '+'; parse_qs would turn it into a space).
+    for part in re.split(r"[?&#]", value)[1:]:
+        name, separator, raw = part.partition("=")
+        if separator and name == "callback":
+            return unquote(raw)
+    return None
 
 
 def _number_text(raw: Any, pattern: re.Pattern[str], example: str) -> str:

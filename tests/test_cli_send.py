@@ -68,18 +68,27 @@ def test_send_keeps_the_event_id_and_event_time(database):
 
 def test_send_refuses_what_the_api_refuses_naming_each_field(database):
     result = send(
-        database, "payment", "--callback", "__CALLBACK__", "--param", "colour=red", check=False
+        database, "payment", "--callback", "__CALLBACK__", "--param", "action_reason=4", check=False
     )
 
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr == (
-        "colour: is not a field this endpoint accepts\n"
         "callback: is the unreplaced macro __CALLBACK__: the landing URL was not filled in by "
         "Kuaishou\n"
         "purchase_amount: is required for event_type 3 (payment)\n"
+        "action_reason: is not accepted with event_type 3 (payment)\n"
         "Error: event refused\n"
     )
+    assert stored(database) == []
+
+
+@pytest.mark.parametrize("pair", ["colour=red", "callback=OTHER", "event_type=3", "=3"])
+def test_send_param_takes_only_kuaishou_parameters(database, pair):
+    result = send(database, "form", "--callback", "CLICK-1", "--param", pair, check=False)
+
+    assert result.returncode == 2
+    assert f"{pair!r} is not NAME=VALUE with NAME one of purchase_amount," in result.stderr
     assert stored(database) == []
 
 

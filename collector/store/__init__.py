@@ -12,6 +12,9 @@ from .base import (
     StoreUnavailable,
 )
 
+# Ids and millisecond times are 64-bit integers in both engines; larger numbers match nothing.
+MAX_INT64 = 2**63 - 1
+
 
 def open_store(url: str) -> SqlStore:
     """``sqlite:///file.db`` or ``postgresql://…``; the returned store opens connections lazily."""
@@ -27,6 +30,7 @@ def open_store(url: str) -> SqlStore:
 
 
 __all__ = [
+    "MAX_INT64",
     "Accepted",
     "AttemptResult",
     "DueEvent",

@@ -37,7 +37,7 @@ from itsdangerous import BadSignature, URLSafeTimedSerializer
 
 from .. import catalog
 from ..relay import short_callback
-from ..store import SqlStore, Status
+from ..store import MAX_INT64, SqlStore, Status
 from ..validation import now_ms
 from .http import error_response
 from .pages import relay_heartbeat_problem
@@ -311,9 +311,11 @@ def last_answer(row: dict[str, Any]) -> str:
 
 def _int_arg(name: str, default: int | None = None) -> int | None:
     try:
-        return int(request.args.get(name, ""))
+        value = int(request.args.get(name, ""))
     except ValueError:
         return default
+    # Both engines keep ids and times in 64-bit integers; a larger number matches nothing.
+    return value if 0 <= value <= MAX_INT64 else default
 
 
 def _filters() -> dict[str, Any]:
@@ -444,7 +446,7 @@ def dashboard() -> str:
     )
 
 
-@blueprint.route("/events/<int:event_id>")
+@blueprint.route(f"/events/<int(max={MAX_INT64}):event_id>")
 def event_detail(event_id: int) -> str:
     store: SqlStore = current_app.config["KS_STORE"]
     rows = store.recent_events(before_id=event_id + 1, limit=1)
@@ -472,6 +474,8 @@ def replay() -> Response:
         ids = sorted({int(value) for value in request.form.getlist("id")})
     except ValueError:
         error_response(400, "bad_id", "event ids are whole numbers")
+    if any(not 0 < event_id <= MAX_INT64 for event_id in ids):
+        error_response(400, "bad_id", "no event has such an id")
     if not ids or len(ids) > MAX_REPLAY_IDS:
         error_response(400, "bad_id", f"choose between 1 and {MAX_REPLAY_IDS} events")
     count = current_app.config["KS_STORE"].requeue(now_ms(), ids=ids)
