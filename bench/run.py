@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Measure ks-collector against baselines measured in the same run, and check the targets.
 
-    python bench/run.py             # full run, about 4 minutes
-    python bench/run.py --quick     # shorter runs, about a minute
+    python bench/run.py             # full run, about 3 minutes (5 at most)
+    python bench/run.py --quick     # shorter runs, about 75 s
     python bench/run.py --smoke     # seconds; proves the script works (tests/test_bench_smoke.py)
     python bench/run.py --profile   # also sample the web workers and the relay with py-spy
+    python bench/run.py --quick --only relay --set KS_COLLECTOR_RELAY_CONCURRENCY=128
 
 The table is printed and written to test-output/bench.md (``--output``); logs of every process
 go beside it in bench-logs/, profiles in bench-profiles/. Needs wrk (``apt-get install wrk``),
