@@ -121,7 +121,7 @@ SETTINGS: tuple[Setting, ...] = (
         "Connect + read timeout of one call to Kuaishou.",
     ),
     Setting(
-        "relay_concurrency", "64", _positive(int), "Requests one relay process keeps in flight."
+        "relay_concurrency", "128", _positive(int), "Requests one relay process keeps in flight."
     ),
     Setting(
         "relay_poll_seconds",
@@ -250,6 +250,14 @@ class Config:
             if name not in _BY_ATTRIBUTE:
                 raise ConfigError(f"unknown setting {name!r}")
             values[name] = _BY_ATTRIBUTE[name].parse(value) if isinstance(value, str) else value
+        # A call may take the whole timeout; a lease running out first would let another relay
+        # (or this one) send the same event again while the first call is still going.
+        if values["lease_seconds"] < 2 * values["upstream_timeout_seconds"]:
+            raise ConfigError(
+                "KS_COLLECTOR_LEASE_SECONDS must be at least twice "
+                f"KS_COLLECTOR_UPSTREAM_TIMEOUT_SECONDS ({values['lease_seconds']:g} < "
+                f"2 x {values['upstream_timeout_seconds']:g})"
+            )
         return cls(values)
 
 

@@ -126,7 +126,7 @@ def test_two_collectors_and_three_relays_deliver_20000_events_exactly_once(
 def test_a_relay_killed_mid_run_repeats_at_most_its_in_flight_requests(
     postgres_url: str, mock_kuaishou: MockKuaishou, tmp_path: Path
 ) -> None:
-    env = cluster_env(KS_COLLECTOR_LEASE_SECONDS="3")
+    env = cluster_env(KS_COLLECTOR_LEASE_SECONDS="3", KS_COLLECTOR_UPSTREAM_TIMEOUT_SECONDS="1.5")
     collectors, relays = start_cluster(postgres_url, mock_kuaishou, tmp_path, env)
     post_batches(collectors, "killed")
     deadline = time.monotonic() + 60
