@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 from functools import cache
 from pathlib import Path
@@ -22,26 +23,35 @@ blueprint = Blueprint("pages", __name__)
 
 
 def tag_path() -> Path:
-    """static/tag.js from the source tree, or the copy installed as ``collector/assets``."""
+    """The tag to serve: the minified build when there is one, else static/tag.js as written;
+    from the source tree, or from the copy installed as ``collector/assets``."""
     here = Path(__file__).resolve().parent
-    for candidate in (here.parents[1] / "static" / "tag.js", here.parent / "assets" / "tag.js"):
-        if candidate.is_file():
-            return candidate
+    for directory in (here.parents[1] / "static", here.parent / "assets"):
+        for name in ("tag.min.js", "tag.js"):
+            if (directory / name).is_file():
+                return directory / name
     raise FileNotFoundError("static/tag.js is missing from this installation")
 
 
 @cache
-def tag_bytes() -> tuple[bytes, str]:
+def tag_bytes() -> tuple[bytes, bytes, str]:
+    """(plain, gzipped, ETag), read and compressed once per process."""
     body = tag_path().read_bytes()
-    return body, hashlib.sha256(body).hexdigest()[:16]
+    return body, gzip.compress(body, 9, mtime=0), hashlib.sha256(body).hexdigest()[:16]
 
 
 @blueprint.route("/tag.js")
 def tag_js() -> Response:
-    body, etag = tag_bytes()
-    response = Response(body, mimetype="text/javascript")
+    plain, gzipped, etag = tag_bytes()
+    if "gzip" in request.accept_encodings:
+        response = Response(gzipped, mimetype="text/javascript")
+        response.headers["Content-Encoding"] = "gzip"
+        etag += "-gzip"
+    else:
+        response = Response(plain, mimetype="text/javascript")
     response.headers["Cache-Control"] = f"public, max-age={TAG_MAX_AGE_SECONDS}"
     response.headers["Access-Control-Allow-Origin"] = "*"
+    response.vary.add("Accept-Encoding")
     response.set_etag(etag)
     return response.make_conditional(request)
 
