@@ -50,6 +50,16 @@
     return id;
   }
 
+  // Nothing the tag does may throw into the page: each way in (a kstag call, a page event, a
+  // reply) runs through this, so a page that breaks a global loses at most that one report.
+  function guard(fn) {
+    return function (a, b) {
+      try {
+        fn(a, b);
+      } catch (e) {}
+    };
+  }
+
   function marked(node, name) {
     for (; node; node = node.parentNode) {
       if (node.nodeType === 1 && node.hasAttribute(name)) return node;
@@ -171,7 +181,7 @@
     saveQueue(items);
   }
 
-  function track(type, props) {
+  var track = guard(function (type, props) {
     if (!callback || type == null || type === '') return;
 
     var event = {v: 1, id: randomId(), type: '' + type, callback: callback};
@@ -183,7 +193,7 @@
     items.push(item);
     send(item);
     saveQueue(items);
-  }
+  });
 
   // Page events
 
@@ -250,11 +260,15 @@
   kstag.loaded = true;
   window.kstag = kstag;
 
+  if (callback) listen();
   flush();
   if (fromUrl && fromUrl !== stored) track('landing');
+  // The page's queue may hold anything: one bad call must not stop the others.
   var calls = previous && previous.q || [];
-  for (var i = 0; i < calls.length; i++) kstag.apply(null, calls[i]);
-
-  if (callback) listen();
+  for (var i = 0; i < calls.length; i++) {
+    try {
+      kstag.apply(null, calls[i]);
+    } catch (e) {}
+  }
   window.addEventListener('online', flush);
 })(window, document);
