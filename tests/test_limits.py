@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import threading
 from urllib.parse import quote, urlsplit
 
 import pytest
@@ -369,3 +370,21 @@ def test_flood_is_answered_429_across_three_gunicorn_workers(sqlite_url):
     assert limit <= accepted <= workers * limit
     assert statuses.count(429) >= sent - workers * limit
     assert len(stored.stdout.splitlines()) == accepted
+
+
+def test_memory_counters_need_no_timer_thread_and_forget_expired_windows(monkeypatch):
+    from collector.web import limits
+
+    clock = [1000.0]
+    monkeypatch.setattr(limits.time, "time", lambda: clock[0])
+    threads_before = threading.active_count()
+    counters = limits.WindowCounters()
+
+    assert [counters.incr("callback:a", 60) for _ in range(3)] == [1, 2, 3]
+    assert counters.get("callback:a") == 3
+    assert counters.get_expiry("callback:a") == 1060.0
+    clock[0] = 1061.0
+    assert counters.get("callback:a") == 0
+    assert counters.incr("callback:b", 60) == 1
+    assert set(counters._windows) == {"callback:b"}
+    assert threading.active_count() == threads_before

@@ -18,10 +18,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import threading
 import time
 
 from flask import Flask, Response, current_app, request
 from flask_limiter import Limiter, RateLimitExceeded
+from limits.storage import Storage
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from .. import metrics
@@ -33,6 +35,61 @@ log = logging.getLogger("ks_collector.web")
 
 # When the limiter cannot say when its window ends (its storage is down), wait this long.
 FALLBACK_RETRY_AFTER_SECONDS = 60
+
+
+class WindowCounters(Storage):
+    """In-process fixed-window counters, used for ``memory://``.
+
+    ``limits``' own memory storage re-arms a timer thread every 10 ms that walks every key; the
+    per-click limit makes one key per click id, so under steady traffic that walk grew to a
+    whole core (17 ms per sweep at 60,000 keys, measured by the benchmark). Here expired
+    windows are dropped at most once a second, by whichever request comes along.
+    """
+
+    STORAGE_SCHEME = ["ks-memory"]  # noqa: RUF012 (the limits registry reads this list)
+    SWEEP_SECONDS = 1.0
+
+    def __init__(self, uri: str | None = None, wrap_exceptions: bool = False, **options):
+        self._lock = threading.Lock()
+        self._windows: dict[str, list[float]] = {}  # key → [count, window end]
+        self._next_sweep = 0.0
+        super().__init__(uri, wrap_exceptions=wrap_exceptions, **options)
+
+    @property
+    def base_exceptions(self) -> type[Exception]:
+        return ValueError
+
+    def incr(self, key: str, expiry: int, amount: int = 1) -> int:
+        now = time.time()
+        with self._lock:
+            if now >= self._next_sweep:
+                self._windows = {k: w for k, w in self._windows.items() if w[1] > now}
+                self._next_sweep = now + self.SWEEP_SECONDS
+            window = self._windows.get(key)
+            if window is None or window[1] <= now:
+                window = self._windows[key] = [0, now + expiry]
+            window[0] += amount
+            return int(window[0])
+
+    def get(self, key: str) -> int:
+        window = self._windows.get(key)
+        return int(window[0]) if window and window[1] > time.time() else 0
+
+    def get_expiry(self, key: str) -> float:
+        window = self._windows.get(key)
+        return window[1] if window else time.time()
+
+    def check(self) -> bool:
+        return True
+
+    def reset(self) -> int:
+        with self._lock:
+            count, self._windows = len(self._windows), {}
+        return count
+
+    def clear(self, key: str) -> None:
+        with self._lock:
+            self._windows.pop(key, None)
 
 
 def trust_proxies(app: Flask, hops: int) -> None:
@@ -67,7 +124,7 @@ def install_rate_limits(app: Flask, config: Config) -> Limiter:
     limiter = Limiter(
         client_ip_key,
         app=app,
-        storage_uri=config.rate_limit_storage_uri,
+        storage_uri=_storage_uri(config.rate_limit_storage_uri),
         strategy="fixed-window",
         key_prefix="ks-collector",
         # Losing conversions is worse than a flood getting through: if the counters cannot be
@@ -96,6 +153,10 @@ def install_rate_limits(app: Flask, config: Config) -> Limiter:
     app.extensions["ks_limiter"] = limiter
     app.register_error_handler(RateLimitExceeded, rate_limited)
     return limiter
+
+
+def _storage_uri(configured: str) -> str:
+    return "ks-memory://" if configured.startswith("memory://") else configured
 
 
 def rate_limited(error: RateLimitExceeded) -> Response:
