@@ -324,8 +324,21 @@ def replay(
 @click.option("--older-than", required=True, help="Age of delivered events to delete, e.g. 30d.")
 @pass_context
 def purge(ctx: Context, older_than: str) -> None:
-    """Delete delivered events (and their attempts) older than a duration. Nothing else."""
-    count = ctx.store.purge_delivered(now_ms() - parse_duration_ms(older_than))
+    """Delete delivered events (and their attempts) older than a duration. Nothing else.
+
+    A purged event no longer makes a resent copy a duplicate, so nothing younger than
+    KS_COLLECTOR_MAX_EVENT_AGE_DAYS (the oldest event_time the API takes) can be purged.
+    """
+    age_ms = parse_duration_ms(older_than)
+    youngest_ms = int(ctx.config.max_event_age_days * 86_400_000)
+    if age_ms < youngest_ms:
+        raise click.BadParameter(
+            f"{older_than!r} is younger than KS_COLLECTOR_MAX_EVENT_AGE_DAYS "
+            f"({ctx.config.max_event_age_days:g} days): a client could still resend those "
+            "events, and once purged they would be relayed again",
+            param_hint="--older-than",
+        )
+    count = ctx.store.purge_delivered(now_ms() - age_ms)
     click.echo(f"purged {count} delivered event{'s' if count != 1 else ''}")
 
 

@@ -5,9 +5,11 @@ Every test runs on SQLite and on PostgreSQL (``database_url``) unless it is abou
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -23,7 +25,7 @@ from collector.store import postgres as postgres_store
 from collector.store import sqlite as sqlite_store
 from collector.validation import Conversion, now_ms
 from tests.fault.helpers import query, write_lock_held
-from tests.support.processes import free_port
+from tests.support.processes import free_port, run_cli
 
 LEASE_MS = 60_000
 FORM, REGISTRATION = 9, 2
@@ -459,3 +461,67 @@ def test_postgresql_that_cannot_be_reached_raises_store_unavailable() -> None:
     with pytest.raises(StoreUnavailable):
         store.add_conversions([conversion()], frozenset())
     store.close()
+
+
+# ---- found by an adversarial review -------------------------------------------------------
+
+ONCE = frozenset({FORM})
+
+
+def test_a_lead_id_stays_with_the_first_click_that_reported_it(store: SqlStore) -> None:
+    visitor = dataclasses.replace(conversion("VICTIM"), source="tag", lead_id="L-1042")
+    forger = dataclasses.replace(
+        conversion("ATTACKER", event_id="forged"), source="tag", lead_id="L-1042"
+    )
+
+    store.add_conversions([visitor], ONCE)
+    store.add_conversions([forger], ONCE)
+
+    assert store.resolve_leads(["L-1042"]) == {"L-1042": "VICTIM"}
+
+
+def test_batches_sharing_once_per_click_keys_in_opposite_orders_never_deadlock(
+    store: SqlStore,
+) -> None:
+    def batch(round_number: int, reverse: bool) -> int:
+        events = [
+            conversion(f"SHARED-{n}", event_id=f"r{round_number}-{reverse}-{n}") for n in range(40)
+        ]
+        results = store.add_conversions(events[::-1] if reverse else events, ONCE)
+        return len(results)
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(batch, n, n % 2 == 1) for n in range(40)]
+        answered = [future.result() for future in futures]  # a deadlock raises StoreUnavailable
+
+    assert answered == [40] * 40
+    assert store.count_status("pending") == 40
+    assert not any(isinstance(future.exception(), StoreUnavailable) for future in futures)
+
+
+def test_batch_answers_keep_the_callers_order(store: SqlStore) -> None:
+    events = [conversion(f"ORDER-{n}", event_id=f"order-{n}") for n in (3, 1, 2)]
+
+    results = store.add_conversions(events, ONCE)
+
+    assert [result.event_id for result in results] == ["order-3", "order-1", "order-2"]
+
+
+def test_ids_are_never_reused_after_a_purge(store: SqlStore) -> None:
+    [first] = store.add_conversions([conversion("PURGED")], ONCE)
+    [due] = store.claim_due("relay-1", 10, now_ms(), LEASE_MS)
+    store.record_attempts("relay-1", [attempt(due, Outcome.DELIVERED)])
+    assert store.purge_delivered(now_ms() + 1) == 1
+
+    [second] = store.add_conversions([conversion("NEXT")], ONCE)
+
+    assert second.id > first.id
+
+
+def test_purge_refuses_ages_within_the_api_event_age(sqlite_url: str) -> None:
+    run_cli(["migrate"], database_url=sqlite_url)
+
+    result = run_cli(["purge", "--older-than", "1d"], database_url=sqlite_url, check=False)
+
+    assert result.returncode == 2
+    assert "younger than KS_COLLECTOR_MAX_EVENT_AGE_DAYS (7 days)" in result.stderr

@@ -158,13 +158,20 @@ class SqlStore:
             " params, lead_id, received_at_ms, next_attempt_at_ms)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id"
         )
-        results: list[Accepted] = []
+        keys = [
+            once_key(c.event_type, c.callback) if c.event_type in once_per_callback else None
+            for c in conversions
+        ]
+        # Rows go in sorted by their unique keys, so two batches sharing keys take PostgreSQL's
+        # index locks in the same order and cannot deadlock; answers keep the caller's order.
+        order = sorted(
+            range(len(conversions)), key=lambda i: (keys[i] or "", conversions[i].event_id)
+        )
+        results: list[Accepted | None] = [None] * len(conversions)
         with self.transaction() as cursor:
-            for conversion in conversions:
+            for index in order:
+                conversion, key = conversions[index], keys[index]
                 assert conversion.callback is not None, "lead ids are resolved before storing"
-                key = None
-                if conversion.event_type in once_per_callback:
-                    key = once_key(conversion.event_type, conversion.callback)
                 cursor.execute(
                     insert,
                     (
@@ -185,7 +192,7 @@ class SqlStore:
                     # Linked even for a repeated form: a second lead from one click is real.
                     self._link_lead(cursor, conversion)
                 if row is not None:
-                    results.append(Accepted("accepted", row[0], conversion.event_id))
+                    results[index] = Accepted("accepted", row[0], conversion.event_id)
                     continue
                 cursor.execute(
                     self.sql(
@@ -194,8 +201,8 @@ class SqlStore:
                     (conversion.event_id, key),
                 )
                 existing = cursor.fetchone()
-                results.append(Accepted("duplicate", existing[0], existing[1]))
-        return results
+                results[index] = Accepted("duplicate", existing[0], existing[1])
+        return [result for result in results if result is not None]
 
     def record_landing(self, callback: str, at_ms: int) -> bool:
         """Remember that the tag captured this click id; True the first time."""
@@ -217,12 +224,13 @@ class SqlStore:
             return cursor.fetchone() is not None
 
     def _link_lead(self, cursor: Any, conversion: Conversion) -> None:
-        """Link the advertiser's lead id to the click it came from (the latest click wins)."""
+        """Link the advertiser's lead id to the click it came from. The first link stands:
+        /collect is public, and a later beacon naming the same lead id must not move a real
+        visitor's lead (and the payments reported for it) to another click."""
         cursor.execute(
             self.sql(
                 "INSERT INTO leads (lead_id, callback, created_at_ms) VALUES (?, ?, ?)"
-                " ON CONFLICT (lead_id) DO UPDATE SET callback = excluded.callback,"
-                " created_at_ms = excluded.created_at_ms"
+                " ON CONFLICT (lead_id) DO NOTHING"
             ),
             (conversion.lead_id, conversion.callback, conversion.received_at_ms),
         )

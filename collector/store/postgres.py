@@ -67,6 +67,9 @@ class PostgresStore(SqlStore):
                     **self._pool_args,
                     kwargs={"autocommit": False},
                     configure=_configure_connection,
+                    # After a database restart pooled connections are dead; test each one as it
+                    # is handed out instead of failing requests with 503 until they are used up.
+                    check=ConnectionPool.check_connection,
                 )
             return self._pool
 

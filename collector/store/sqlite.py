@@ -25,7 +25,9 @@ BUSY_TIMEOUT_MS = 5000
 # Mean pause between two tries at the write lock while another process holds it.
 LOCK_POLL_SECONDS = 0.001
 
-_FILL = {"pk": "INTEGER PRIMARY KEY", "int64": "INTEGER"}
+# AUTOINCREMENT: ids are never reused, even after purge deletes the newest rows; the API, the
+# CLI and the dashboard hand ids out.
+_FILL = {"pk": "INTEGER PRIMARY KEY AUTOINCREMENT", "int64": "INTEGER"}
 
 
 def path_from_url(url: str) -> str:
