@@ -114,34 +114,37 @@
     }
   }
 
+  // Kept as 'expiry|click id', plain text: pages that change how JSON treats arrays (Prototype.js
+  // makes an array serialize to a string) cannot garble it.
   function storedCallback() {
-    try {
-      var saved = JSON.parse(load(CALLBACK_KEY));
-      if (saved[1] > now()) return saved[0];
-    } catch (e) {}
+    var saved = /^(\d+)\|([^]+)/.exec(load(CALLBACK_KEY));
+    if (saved && saved[1] > now()) return saved[2];
   }
 
   // Sending and the retry queue. A queued item is {e: event, t: time of the action,
   // n: sends so far, b: 1 once sent blind (by beacon or image, whose answer is unseen)}.
 
-  function pending() {
+  // The queue is read and written item by item, without Array methods or Array JSON, which pages
+  // replace with broken or string-making versions. Anything else stored there counts as empty.
+  function pending(exceptId) {
+    var items = [];
     try {
-      return JSON.parse(load(QUEUE_KEY)).filter(function (item) {
-        return now() - item.t < QUEUE_AGE && item.n < (item.b ? 2 : SEND_LIMIT);
-      });
-    } catch (e) {
-      return [];
-    }
+      var saved = JSON.parse(load(QUEUE_KEY));
+      for (var i = 0; i < saved.length; i++) {
+        var item = saved[i];
+        if (item.e.id !== exceptId && now() - item.t < QUEUE_AGE &&
+            item.n < (item.b ? 2 : SEND_LIMIT)) items[items.length] = item;
+      }
+    } catch (e) {}
+    return items;
   }
 
   function saveQueue(items) {
-    save(QUEUE_KEY, JSON.stringify(items.slice(-QUEUE_SIZE)));
-  }
-
-  function forget(id) {
-    saveQueue(pending().filter(function (item) {
-      return item.e.id !== id;
-    }));
+    var text = '';
+    for (var i = Math.max(0, items.length - QUEUE_SIZE); i < items.length; i++) {
+      text += ',' + JSON.stringify(items[i]);
+    }
+    save(QUEUE_KEY, '[' + text.slice(1) + ']');
   }
 
   // The caller saves the queue after this returns, so the new count and blind flag are kept.
@@ -157,7 +160,7 @@
     try {
       fetch(endpoint, {method: 'POST', body: body, keepalive: true}).then(function (response) {
         // 2xx is committed; any other 4xx but 408 and 429 can never be accepted.
-        if (/^(2|4(?!08|29))/.test(response.status)) forget(event.id);
+        if (/^(2|4(?!08|29))/.test(response.status)) saveQueue(pending(event.id));
       }, function () {});
       return;
     } catch (e) {}
@@ -190,7 +193,7 @@
 
     var item = {e: event, t: now(), n: 0};
     var items = pending();
-    items.push(item);
+    items[items.length] = item;
     send(item);
     saveQueue(items);
   });
@@ -252,7 +255,7 @@
   var fromUrl = urlCallback();
   var stored = storedCallback();
   var callback = fromUrl || stored;
-  if (fromUrl) save(CALLBACK_KEY, JSON.stringify([fromUrl, now() + ttl]), ttl / 1e3 | 0);
+  if (fromUrl) save(CALLBACK_KEY, now() + ttl + '|' + fromUrl, ttl / 1e3 | 0);
 
   function kstag(command, type, props) {
     if (command === 'track') track(type, props);

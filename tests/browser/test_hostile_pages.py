@@ -75,3 +75,55 @@ def test_kstag_call_with_throwing_arguments_returns_normally(site, land, collect
 
     assert returned == "returned"
     assert types(collector.expect(1)) == ["form"]
+
+
+# Prototype.js and the stored state
+
+
+def test_click_id_is_kept_across_pages_when_arrays_serialize_to_strings(
+    site, land, visit, context, collector, page_errors, click_id
+):
+    context.add_init_script(PROTOTYPE_ARRAY_TO_JSON)
+    site.page("/")
+    site.page("/apply", FORM)
+    land("/")
+
+    visit("/apply").click("#send")
+
+    events = collector.expect(1)
+    assert [(event["type"], event["callback"]) for event in events] == [("form", click_id)]
+    assert page_errors == []
+
+
+def test_retry_queue_is_kept_when_arrays_serialize_to_strings(site, visit, context, collector):
+    context.add_init_script(PROTOTYPE_ARRAY_TO_JSON)
+    site.page("/")
+    site.page("/next")
+    collector.answer(503)
+    visit("/?callback=CB-P")
+    [failed] = collector.expect(1)
+    collector.clear()
+
+    visit("/next")
+
+    assert [(event["id"], event["type"]) for event in collector.expect(1)] == [
+        (failed["id"], "landing")
+    ]
+
+
+@pytest.mark.parametrize(
+    "stored",
+    ['"not a queue"', '{"e": 1}', "5", "null", "[null]", "{"],
+    ids=["string", "object", "number", "null", "null-item", "not-json"],
+)
+def test_stored_queue_that_is_not_a_list_of_items_is_ignored(
+    site, visit, context, collector, page_errors, stored
+):
+    context.add_init_script(f"localStorage.setItem('ks_q', {stored!r})")
+    site.page("/")
+
+    page = visit("/?callback=CB-Q")
+    page.evaluate("kstag('track', 'form')")
+
+    assert types(collector.expect(2)) == ["form", "landing"]
+    assert page_errors == []
