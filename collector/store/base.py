@@ -162,15 +162,12 @@ class SqlStore:
             once_key(c.event_type, c.callback) if c.event_type in once_per_callback else None
             for c in conversions
         ]
-        # Rows go in sorted by their unique keys, so two batches sharing keys take PostgreSQL's
-        # index locks in the same order and cannot deadlock; answers keep the caller's order.
-        order = sorted(
-            range(len(conversions)), key=lambda i: (keys[i] or "", conversions[i].event_id)
-        )
-        results: list[Accepted | None] = [None] * len(conversions)
+        results: list[Accepted] = []
         with self.transaction() as cursor:
-            for index in order:
-                conversion, key = conversions[index], keys[index]
+            self._lock_unique_keys(
+                cursor, [key for key in keys if key] + [c.event_id for c in conversions]
+            )
+            for conversion, key in zip(conversions, keys, strict=True):
                 assert conversion.callback is not None, "lead ids are resolved before storing"
                 cursor.execute(
                     insert,
@@ -192,7 +189,7 @@ class SqlStore:
                     # Linked even for a repeated form: a second lead from one click is real.
                     self._link_lead(cursor, conversion)
                 if row is not None:
-                    results[index] = Accepted("accepted", row[0], conversion.event_id)
+                    results.append(Accepted("accepted", row[0], conversion.event_id))
                     continue
                 cursor.execute(
                     self.sql(
@@ -201,8 +198,12 @@ class SqlStore:
                     (conversion.event_id, key),
                 )
                 existing = cursor.fetchone()
-                results[index] = Accepted("duplicate", existing[0], existing[1])
-        return [result for result in results if result is not None]
+                results.append(Accepted("duplicate", existing[0], existing[1]))
+        return results
+
+    def _lock_unique_keys(self, cursor: Any, keys: list[str]) -> None:
+        """Before a batch's inserts, lock its unique keys in one global order, where the engine
+        lets concurrent writers interleave (PostgreSQL). SQLite has one writer at a time."""
 
     def record_landing(self, callback: str, at_ms: int) -> bool:
         """Remember that the tag captured this click id; True the first time."""

@@ -7,6 +7,7 @@ LOCKED`` and ``ON CONFLICT DO NOTHING``) without removing any code.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -23,6 +24,12 @@ _MIGRATION_LOCK = 0x6B5F636F6C6C
 # How long a statement waits for a row or table lock before the request is answered 503; the
 # same bound as SQLite's busy timeout, so both engines fail the same way when locked too long.
 LOCK_TIMEOUT_MS = 5000
+
+
+def _key_hash(key: str) -> int:
+    """A unique key as a signed 64-bit advisory-lock id."""
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
 
 
 class PostgresStore(SqlStore):
@@ -96,6 +103,17 @@ class PostgresStore(SqlStore):
     def reading(self) -> Iterator[Any]:
         with self._connection() as connection, connection.cursor() as cursor:
             yield cursor
+
+    def _lock_unique_keys(self, cursor: Any, keys: list[str]) -> None:
+        # Two batches sharing keys in opposite orders would each hold an index entry the other
+        # waits for: a deadlock. Advisory locks taken in sorted order serialize them instead,
+        # while rows still go in (and get ids) in the caller's order.
+        hashes = sorted({_key_hash(key) for key in keys})
+        cursor.execute(
+            "SELECT count(pg_advisory_xact_lock(k))"
+            " FROM (SELECT unnest(%s::bigint[]) AS k ORDER BY k) AS sorted_keys",
+            (hashes,),
+        )
 
     def migrate(self) -> list[int]:
         applied: list[int] = []
