@@ -158,10 +158,10 @@
     // A string body makes this a CORS simple request (text/plain): no preflight. Cross-origin,
     // the browser sends no cookies and only the page's origin as the referrer.
     try {
-      fetch(endpoint, {method: 'POST', body: body, keepalive: true}).then(function (response) {
+      fetch(endpoint, {method: 'POST', body: body, keepalive: true}).then(guard(function (answer) {
         // 2xx is committed; any other 4xx but 408 and 429 can never be accepted.
-        if (/^(2|4(?!08|29))/.test(response.status)) saveQueue(pending(event.id));
-      }, function () {});
+        if (/^(2|4(?!08|29))/.test(answer.status)) saveQueue(pending(event.id));
+      }), function () {});
       return;
     } catch (e) {}
 
@@ -178,11 +178,11 @@
     } catch (e) {}
   }
 
-  function flush() {
+  var flush = guard(function () {
     var items = pending();
     for (var i = 0; i < items.length; i++) send(items[i]);
     saveQueue(items);
-  }
+  });
 
   var track = guard(function (type, props) {
     if (!callback || type == null || type === '') return;
@@ -211,9 +211,9 @@
     input.value = callback;
   }
 
-  function fillForms() {
+  var fillForms = guard(function () {
     for (var i = 0; i < document.forms.length; i++) fillField(document.forms[i]);
-  }
+  });
 
   var wechatCopied = false;
 
@@ -226,21 +226,21 @@
 
   function listen() {
     // Capture phase: forms and buttons whose own handlers stop propagation still count.
-    document.addEventListener('submit', function (e) {
+    document.addEventListener('submit', guard(function (e) {
       fillField(e.target);
       track('form');
-    }, true);
+    }), true);
 
-    document.addEventListener('click', function (e) {
+    document.addEventListener('click', guard(function (e) {
       var tracked = marked(e.target, 'data-ks-track');
       if (tracked) track(tracked.getAttribute('data-ks-track'));
       wechatCopy(e.target);
-    }, true);
+    }), true);
 
     // Chromium and WebKit aim copy at the element where the selection starts (or the input).
-    document.addEventListener('copy', function (e) {
+    document.addEventListener('copy', guard(function (e) {
       wechatCopy(e.target);
-    }, true);
+    }), true);
 
     fillForms();
     try {

@@ -12,6 +12,12 @@ import pytest
 # A form that stays on the page, so a test can submit it and then look at the page.
 FORM = '<form onsubmit="event.preventDefault()"><button id="send">Send</button></form>'
 
+# Leaves the page on submit, so the landing site records the fields the form posted.
+NAVIGATING_FORM = (
+    '<form action="/thanks" method="post"><input name="phone" value="13800000000">'
+    '<button id="send">Send</button></form>'
+)
+
 # What Prototype.js 1.6 does to arrays: they serialize themselves to JSON text, which
 # JSON.stringify then quotes, so an array comes back from JSON.parse as a string.
 PROTOTYPE_ARRAY_TO_JSON = """
@@ -126,4 +132,76 @@ def test_stored_queue_that_is_not_a_list_of_items_is_ignored(
     page.evaluate("kstag('track', 'form')")
 
     assert types(collector.expect(2)) == ["form", "landing"]
+    assert page_errors == []
+
+
+# Broken globals
+
+
+def test_throwing_json_stringify_raises_nothing_and_forms_still_carry_the_click_id(
+    site, visit, context, page_errors, click_id
+):
+    context.add_init_script("JSON.stringify = function () { throw new TypeError('broken'); };")
+    site.page("/", NAVIGATING_FORM)
+
+    page = visit(f"/?callback={click_id}")
+    with page.expect_navigation():
+        page.click("#send")
+
+    assert site.posts == [("/thanks", {"phone": ["13800000000"], "ks_callback": [click_id]})]
+    assert page_errors == []
+
+
+def test_throwing_json_stringify_on_a_later_page_with_queued_events_raises_nothing(
+    site, visit, collector, page_errors
+):
+    site.page("/")
+    site.page(
+        "/next",
+        FORM,
+        head="<script>JSON.stringify = function () { throw new TypeError('broken'); };</script>",
+    )
+    collector.answer(503)
+    visit("/?callback=CB-J")
+    collector.expect(1)
+
+    page = visit("/next")
+    page.click("#send")
+    page.evaluate("dispatchEvent(new Event('online'))")
+
+    assert page.input_value("input[name=ks_callback]") == "CB-J"
+    assert page_errors == []
+
+
+def test_throwing_array_push_raises_nothing_and_events_are_sent(
+    site, visit, context, collector, page_errors, click_id
+):
+    context.add_init_script(
+        "Array.prototype.push = function () { throw new TypeError('broken'); };"
+    )
+    site.page("/", FORM)
+
+    page = visit(f"/?callback={click_id}")
+    page.click("#send")
+
+    assert types(collector.expect(2)) == ["form", "landing"]
+    assert page_errors == []
+
+
+def test_throwing_array_filter_raises_nothing_and_failed_events_are_resent(
+    site, visit, context, collector, page_errors
+):
+    context.add_init_script(
+        "Array.prototype.filter = function () { throw new TypeError('broken'); };"
+    )
+    site.page("/")
+    site.page("/next")
+    collector.answer(503)
+    visit("/?callback=CB-F")
+    [failed] = collector.expect(1)
+    collector.clear()
+
+    visit("/next")
+
+    assert [event["id"] for event in collector.expect(1)] == [failed["id"]]
     assert page_errors == []
