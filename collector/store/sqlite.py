@@ -14,10 +14,12 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
-from .base import SqlStore, StoreUnavailable
+from ..validation import Conversion
+from .base import Accepted, SqlStore, StoreUnavailable
 from .schema import MIGRATIONS
 
 # How long a writer waits for another's lock before the request is answered 503.
@@ -59,6 +61,18 @@ def _begin_immediate(cursor: sqlite3.Cursor, deadline: float) -> None:
         cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
 
 
+@dataclass
+class _Waiting:
+    """Conversions one thread handed to the group commit, and what became of them."""
+
+    conversions: Sequence[Conversion]
+    once_per_callback: frozenset[int]
+    woken: threading.Event = field(default_factory=threading.Event)
+    done: bool = False  # woken but not done: this thread commits the next group
+    accepted: list[Accepted] = field(default_factory=list)
+    error: BaseException | None = None
+
+
 class SqliteStore(SqlStore):
     dialect = "sqlite"
     claim_sql = (
@@ -76,6 +90,12 @@ class SqliteStore(SqlStore):
         self._local = threading.local()
         self._pid = os.getpid()
         self._write_lock = threading.Lock()
+        self._reset_group_commit()
+
+    def _reset_group_commit(self) -> None:
+        self._group_lock = threading.Lock()
+        self._group: list[_Waiting] = []
+        self._committing = False
 
     def _forget_parent_process(self) -> None:
         # Connections and locks must not cross a fork (gunicorn forks workers after the app is
@@ -83,7 +103,59 @@ class SqliteStore(SqlStore):
         if self._pid != os.getpid():
             self._local = threading.local()
             self._write_lock = threading.Lock()
+            self._reset_group_commit()
             self._pid = os.getpid()
+
+    def add_conversions(
+        self, conversions: Sequence[Conversion], once_per_callback: frozenset[int]
+    ) -> list[Accepted]:
+        """Commit together with whatever this process's other threads are committing now.
+
+        Every commit costs an fsync and only one writer may hold the file, so conversions
+        arriving while a commit is under way wait; then the oldest of them writes them all in
+        one transaction (group commit) and wakes the rest. Nothing is answered before it is on
+        disk, and a failed commit fails every request in it.
+        """
+        self._forget_parent_process()
+        waiting = _Waiting(conversions, once_per_callback)
+        with self._group_lock:
+            self._group.append(waiting)
+            leading = not self._committing
+            self._committing = True
+        if not leading:
+            waiting.woken.wait()
+        if not waiting.done:
+            with self._group_lock:
+                group, self._group = self._group, []
+            self._commit_group(group)
+            with self._group_lock:
+                if self._group:
+                    self._group[0].woken.set()  # the oldest waiter commits the next group
+                else:
+                    self._committing = False
+        if waiting.error is not None:
+            raise waiting.error
+        return waiting.accepted
+
+    def _commit_group(self, group: list[_Waiting]) -> None:
+        # Split by the once-per-click rule: callers pass the configured set, but one passing
+        # another set must not have its conversions judged by the wrong rule.
+        by_rule: dict[frozenset[int], list[_Waiting]] = {}
+        for waiting in group:
+            by_rule.setdefault(waiting.once_per_callback, []).append(waiting)
+        for once_per_callback, members in by_rule.items():
+            conversions = [c for member in members for c in member.conversions]
+            try:
+                accepted = SqlStore.add_conversions(self, conversions, once_per_callback)
+            except BaseException as error:
+                accepted = []
+                for member in members:
+                    member.error = error
+            for member in members:
+                count = len(member.conversions)
+                member.accepted, accepted = accepted[:count], accepted[count:]
+                member.done = True
+                member.woken.set()
 
     def _connection(self) -> sqlite3.Connection:
         self._forget_parent_process()

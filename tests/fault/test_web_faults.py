@@ -132,11 +132,11 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def fill_disk(path: Path) -> None:
-    with open(path, "wb") as filler:
+    # Unbuffered: a buffered file would raise ENOSPC again when closing flushes its remainder.
+    with open(path, "wb", buffering=0) as filler:
         try:
             while True:
                 filler.write(b"\0" * 65536)
-                filler.flush()
         except OSError as error:
             assert error.errno == errno.ENOSPC
 
