@@ -60,10 +60,18 @@
     };
   }
 
+  // A form's controls shadow its properties: <input name="appendChild"> is form.appendChild. So
+  // forms are only handled through these, and never walked up from: a control named parentNode
+  // would turn node.parentNode into a loop.
+  var element = Element.prototype;
+
+  // The innermost element with the attribute that holds node (or is node).
   function marked(node, name) {
-    for (; node; node = node.parentNode) {
-      if (node.nodeType === 1 && node.hasAttribute(name)) return node;
+    var found, all = document.querySelectorAll('[' + name + ']');
+    for (var i = 0; i < all.length; i++) {
+      if (element.contains.call(all[i], node)) found = all[i];
     }
+    return found;
   }
 
   // Storage: localStorage, else a first-party cookie, else this page view's memory.
@@ -201,12 +209,12 @@
   // Page events
 
   function fillField(form) {
-    var input = form.querySelector('input[name="' + fieldName + '"]');
+    var input = element.querySelector.call(form, 'input[name="' + fieldName + '"]');
     if (!input) {
       input = document.createElement('input');
       input.type = 'hidden';
       input.name = fieldName;
-      form.appendChild(input);
+      element.appendChild.call(form, input);
     }
     input.value = callback;
   }
