@@ -5,7 +5,8 @@
 
   // Options
 
-  var script = document.currentScript || lastTagScript();
+  // Without currentScript (old browsers), the first script that looks like this tag.
+  var script = document.currentScript || document.querySelector('script[src$="/tag.js"]');
   var endpoint = (option('data-endpoint') || scriptOrigin()).replace(/\/+$/, '') + '/collect';
   var ttlDays = +option('data-ttl-days');
   var ttl = (ttlDays > 0 ? ttlDays : 7) * 864e5;
@@ -20,13 +21,6 @@
 
   // Helpers
 
-  function lastTagScript() {
-    var scripts = document.scripts;
-    for (var i = scripts.length - 1; i >= 0; i--) {
-      if (/\/tag\.js$/.test(scripts[i].src)) return scripts[i];
-    }
-  }
-
   function option(name) {
     return script && script.getAttribute(name);
   }
@@ -40,13 +34,12 @@
   }
 
   function randomId() {
-    var id = '', bytes;
+    var id = '', bytes = [];
     try {
-      bytes = crypto.getRandomValues(new Uint8Array(16));
+      bytes = crypto.getRandomValues(new Uint8Array(32));
     } catch (e) {}
-    for (var i = 0; i < 16; i++) {
-      id += ((bytes ? bytes[i] : Math.random() * 256) + 256 | 0).toString(16).slice(1);
-    }
+    // A hex digit from each random byte, or from Math.random alone where crypto is missing.
+    for (var i = 0; i < 32; i++) id += ((bytes[i] ^ Math.random() * 16) & 15).toString(16);
     return id;
   }
 
@@ -67,11 +60,10 @@
 
   // The innermost element with the attribute that holds node (or is node).
   function marked(node, name) {
-    var found, all = document.querySelectorAll('[' + name + ']');
-    for (var i = 0; i < all.length; i++) {
-      if (element.contains.call(all[i], node)) found = all[i];
+    var all = document.querySelectorAll('[' + name + ']'), i = all.length;
+    while (i--) {
+      if (element.contains.call(all[i], node)) return all[i];
     }
-    return found;
   }
 
   // Storage: localStorage, else a first-party cookie, else this page view's memory.
@@ -132,8 +124,8 @@
   // Sending and the retry queue. A queued item is {e: event, t: time of the action,
   // n: sends so far, b: 1 once sent blind (by beacon or image, whose answer is unseen)}.
 
-  // The queue is read and written item by item, without Array methods or Array JSON, which pages
-  // replace with broken or string-making versions. Anything else stored there counts as empty.
+  // The queue is read without Array methods, which pages replace with broken versions; anything
+  // stored there that is not a list of items counts as empty.
   function pending(exceptId) {
     var items = [];
     try {
@@ -148,11 +140,10 @@
   }
 
   function saveQueue(items) {
-    var text = '';
-    for (var i = Math.max(0, items.length - QUEUE_SIZE); i < items.length; i++) {
-      text += ',' + JSON.stringify(items[i]);
-    }
-    save(QUEUE_KEY, '[' + text.slice(1) + ']');
+    items = items.slice(-QUEUE_SIZE);
+    // Prototype.js gives arrays a toJSON that returns a string, which JSON.stringify would save.
+    items.toJSON = 0;
+    save(QUEUE_KEY, JSON.stringify(items));
   }
 
   // The caller saves the queue after this returns, so the new count and blind flag are kept.
@@ -193,11 +184,11 @@
   });
 
   var track = guard(function (type, props) {
-    if (!callback || type == null || type === '') return;
+    if (!callback || !type) return;
 
     var event = {v: 1, id: randomId(), type: '' + type, callback: callback};
-    var leadId = props && props.lead_id != null ? String(props.lead_id) : '';
-    if (leadId && leadId.length <= 128) event.lead_id = leadId;
+    var leadId = props && props.lead_id;
+    if (leadId != null && (leadId += '') && leadId.length <= 128) event.lead_id = leadId;
 
     var item = {e: event, t: now(), n: 0};
     var items = pending();
@@ -252,7 +243,7 @@
 
     fillForms();
     try {
-      new MutationObserver(fillForms).observe(document.documentElement, {
+      new MutationObserver(fillForms).observe(document, {
         childList: true, subtree: true
       });
     } catch (e) {}
