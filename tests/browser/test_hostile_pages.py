@@ -249,3 +249,18 @@ def test_clicks_inside_a_form_with_controls_named_parent_node_are_reported(
 
     assert types(collector.expect(3)) == ["51", "form", "wechat_copy"]
     assert page_errors == []
+
+
+# Referrer policy
+
+
+def test_image_fallback_sends_the_origin_from_a_no_referrer_page(site, visit, context, collector):
+    # The collector checks the Referer's origin when an image request brings no Origin.
+    context.add_init_script("delete window.fetch; delete Navigator.prototype.sendBeacon;")
+    site.page("/", head='<meta name="referrer" content="no-referrer">')
+
+    visit("/?callback=CB-R")
+
+    [hit] = collector.expect_hits(1)
+    assert (hit.method, hit.event["type"]) == ("GET", "landing")
+    assert hit.headers.get("referer") == site.url + "/"
