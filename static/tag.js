@@ -192,7 +192,7 @@
 
     var item = {e: event, t: now(), n: 0};
     var items = pending();
-    items[items.length] = item;
+    items[items.length] = item; // not push: pages replace it with broken versions
     send(item);
     saveQueue(items);
   });
