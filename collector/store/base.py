@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from enum import StrEnum
 from typing import Any
 
 from ..validation import Conversion
+from .schema import MIGRATIONS
 
 # How much of an upstream answer is kept per attempt: enough to read an error message.
 RESPONSE_EXCERPT_CHARS = 500
@@ -123,6 +125,8 @@ class SqlStore:
     """Outbox operations in SQL common to SQLite and PostgreSQL (``?`` placeholders)."""
 
     dialect = ""
+    # How this engine spells the schema's placeholders (collector/store/schema.py).
+    schema_fill: dict[str, str] = {}  # noqa: RUF012 (a per-engine constant, never mutated)
     # Statement that claims due events; engines differ in how they skip rows others hold.
     claim_sql = ""
 
@@ -137,8 +141,34 @@ class SqlStore:
         raise NotImplementedError
 
     def migrate(self) -> list[int]:
-        """Apply pending schema migrations; return the versions applied."""
-        raise NotImplementedError
+        """Apply pending schema migrations in one transaction; return the versions applied."""
+        applied: list[int] = []
+        with self.transaction() as cursor:
+            self._before_migrating(cursor)
+            cursor.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations"
+                " (version INTEGER PRIMARY KEY, applied_at_ms {int64} NOT NULL)".format(
+                    **self.schema_fill
+                )
+            )
+            cursor.execute("SELECT version FROM schema_migrations")
+            done = {row[0] for row in cursor.fetchall()}
+            for version, _description, statements in MIGRATIONS:
+                if version in done:
+                    continue
+                for statement in statements:
+                    cursor.execute(statement.format(**self.schema_fill))
+                cursor.execute(
+                    self.sql(
+                        "INSERT INTO schema_migrations (version, applied_at_ms) VALUES (?, ?)"
+                    ),
+                    (version, time.time_ns() // 1_000_000),
+                )
+                applied.append(version)
+        return applied
+
+    def _before_migrating(self, cursor: Any) -> None:
+        """Engine-specific preparation inside the migration's transaction."""
 
     def close(self) -> None:
         raise NotImplementedError
@@ -425,20 +455,23 @@ class SqlStore:
         *,
         status: str | None = None,
         event_type: int | None = None,
-        limit: int = 50,
+        reason: str | None = None,
         before_id: int | None = None,
+        limit: int = 50,
     ) -> list[dict[str, Any]]:
-        """Most recent events first, as dictionaries (for the CLI, the API and the dashboard)."""
+        """Most recent events first, as dictionaries, for the CLI and the dashboard. ``reason``
+        keeps only events whose last error is exactly it (``""`` for none), so a row of
+        ``rejection_reasons`` leads to its events."""
         clauses, args = ["1 = 1"], []
-        if status:
-            clauses.append("status = ?")
-            args.append(status)
-        if event_type is not None:
-            clauses.append("event_type = ?")
-            args.append(event_type)
-        if before_id is not None:
-            clauses.append("id < ?")
-            args.append(before_id)
+        for clause, value in (
+            ("status = ?", status),
+            ("event_type = ?", event_type),
+            ("COALESCE(last_error, '') = ?", reason),
+            ("id < ?", before_id),
+        ):
+            if value is not None:
+                clauses.append(clause)
+                args.append(value)
         with self.reading() as cursor:
             cursor.execute(
                 self.sql(
@@ -525,41 +558,6 @@ class SqlStore:
                 (since_ms, limit),
             )
             return [tuple(row) for row in cursor.fetchall()]
-
-    def recent_events(
-        self,
-        *,
-        status: str | None = None,
-        event_type: int | None = None,
-        reason: str | None = None,
-        before_id: int | None = None,
-        limit: int = 50,
-    ) -> list[dict[str, Any]]:
-        """Like ``list_events``, and ``reason`` keeps only events whose last error is exactly it
-        (``""`` for none), so a row of ``rejection_reasons`` leads to its events."""
-        clauses, args = ["1 = 1"], []
-        for clause, value in (
-            ("status = ?", status),
-            ("event_type = ?", event_type),
-            ("COALESCE(last_error, '') = ?", reason),
-            ("id < ?", before_id),
-        ):
-            if value is not None:
-                clauses.append(clause)
-                args.append(value)
-        with self.reading() as cursor:
-            cursor.execute(
-                self.sql(
-                    f"SELECT {EVENT_COLUMNS} FROM events WHERE {' AND '.join(clauses)}"
-                    " ORDER BY id DESC LIMIT ?"
-                ),
-                (*args, limit),
-            )
-            names = [column.strip() for column in EVENT_COLUMNS.split(",")]
-            rows = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
-        for row in rows:
-            row["params"] = json.loads(row["params"])
-        return rows
 
     def relay_heartbeats(self) -> list[tuple[str, int]]:
         """``(relay name, last beat ms)`` of every relay that ever reported in, latest first."""

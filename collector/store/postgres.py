@@ -10,15 +10,13 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from .base import SqlStore, StoreUnavailable
-from .schema import MIGRATIONS
 
-_FILL = {"pk": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", "int64": "BIGINT"}
+SCHEMA_FILL = {"pk": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", "int64": "BIGINT"}
 # Any constant works; it only has to be the same for every process migrating this database.
 _MIGRATION_LOCK = 0x6B5F636F6C6C
 # How long a statement waits for a row or table lock before the request is answered 503; the
@@ -34,6 +32,7 @@ def _key_hash(key: str) -> int:
 
 class PostgresStore(SqlStore):
     dialect = "postgresql"
+    schema_fill = SCHEMA_FILL
     claim_sql = (
         "UPDATE events SET lease_owner = %s, lease_until_ms = %s, attempts = attempts + 1"
         " WHERE id IN (SELECT id FROM events WHERE status = 'pending'"
@@ -115,30 +114,12 @@ class PostgresStore(SqlStore):
             (hashes,),
         )
 
-    def migrate(self) -> list[int]:
-        applied: list[int] = []
-        with self.transaction() as cursor:
-            # A migration may wait for relays' and workers' locks; it must not give up after
-            # LOCK_TIMEOUT_MS like a request does.
-            cursor.execute("SET LOCAL lock_timeout = '60s'")
-            cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-            cursor.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations"
-                " (version INTEGER PRIMARY KEY, applied_at_ms BIGINT NOT NULL)"
-            )
-            cursor.execute("SELECT version FROM schema_migrations")
-            done = {row[0] for row in cursor.fetchall()}
-            for version, _description, statements in MIGRATIONS:
-                if version in done:
-                    continue
-                for statement in statements:
-                    cursor.execute(statement.format(**_FILL))
-                cursor.execute(
-                    "INSERT INTO schema_migrations (version, applied_at_ms) VALUES (%s, %s)",
-                    (version, time.time_ns() // 1_000_000),
-                )
-                applied.append(version)
-        return applied
+    def _before_migrating(self, cursor: Any) -> None:
+        # A migration may wait for relays' and workers' locks; it must not give up after
+        # LOCK_TIMEOUT_MS like a request does. The advisory lock makes concurrent migrations
+        # (several machines starting at once) take turns.
+        cursor.execute("SET LOCAL lock_timeout = '60s'")
+        cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
 
     def close(self) -> None:
         if self._pool is not None and self._pid == os.getpid():

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 
 from ..validation import Conversion
 from .base import Accepted, SqlStore, StoreUnavailable
-from .schema import MIGRATIONS
 
 # How long a writer waits for another's lock before the request is answered 503.
 BUSY_TIMEOUT_MS = 5000
@@ -29,7 +28,7 @@ LOCK_POLL_SECONDS = 0.001
 
 # AUTOINCREMENT: ids are never reused, even after purge deletes the newest rows; the API, the
 # CLI and the dashboard hand ids out.
-_FILL = {"pk": "INTEGER PRIMARY KEY AUTOINCREMENT", "int64": "INTEGER"}
+SCHEMA_FILL = {"pk": "INTEGER PRIMARY KEY AUTOINCREMENT", "int64": "INTEGER"}
 
 
 def path_from_url(url: str) -> str:
@@ -75,6 +74,7 @@ class _Waiting:
 
 class SqliteStore(SqlStore):
     dialect = "sqlite"
+    schema_fill = SCHEMA_FILL
     claim_sql = (
         "UPDATE events SET lease_owner = ?, lease_until_ms = ?, attempts = attempts + 1"
         " WHERE id IN (SELECT id FROM events WHERE status = 'pending'"
@@ -227,27 +227,6 @@ class SqliteStore(SqlStore):
             raise StoreUnavailable(f"SQLite read failed: {error}") from error
         finally:
             cursor.close()
-
-    def migrate(self) -> list[int]:
-        applied: list[int] = []
-        with self.transaction() as cursor:
-            cursor.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations"
-                " (version INTEGER PRIMARY KEY, applied_at_ms INTEGER NOT NULL)"
-            )
-            cursor.execute("SELECT version FROM schema_migrations")
-            done = {row[0] for row in cursor.fetchall()}
-            for version, _description, statements in MIGRATIONS:
-                if version in done:
-                    continue
-                for statement in statements:
-                    cursor.execute(statement.format(**_FILL))
-                cursor.execute(
-                    "INSERT INTO schema_migrations (version, applied_at_ms) VALUES (?, ?)",
-                    (version, time.time_ns() // 1_000_000),
-                )
-                applied.append(version)
-        return applied
 
     def close(self) -> None:
         connection = getattr(self._local, "connection", None)

@@ -409,7 +409,7 @@ def dashboard() -> str:
     store: SqlStore = current_app.config["KS_STORE"]
     filters = _filters()
     summary = _summaries(store, filters["days"])
-    events = store.recent_events(
+    events = store.list_events(
         status=filters["status"],
         event_type=filters["type"],
         reason=filters["reason"],
@@ -449,7 +449,7 @@ def dashboard() -> str:
 @blueprint.route(f"/events/<int(max={MAX_INT64}):event_id>")
 def event_detail(event_id: int) -> str:
     store: SqlStore = current_app.config["KS_STORE"]
-    rows = store.recent_events(before_id=event_id + 1, limit=1)
+    rows = store.list_events(before_id=event_id + 1, limit=1)
     if not rows or rows[0]["id"] != event_id:
         error_response(404, "not_found", f"there is no event {event_id}")
     return render_template(
