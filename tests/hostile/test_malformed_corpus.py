@@ -17,6 +17,7 @@ from urllib.parse import quote
 
 import pytest
 
+from collector.validation import ApiEventSchema
 from tests.hostile.apps import CRM_TOKEN
 from tests.hostile.figures import record_figures
 from tests.support.processes import WebProcess, run_cli
@@ -27,24 +28,7 @@ COLLECT = "/collect"
 
 # Tag beacon and API event fields, each of which gets every hostile value below.
 TAG_FIELDS = ("v", "id", "type", "callback", "age_ms", "lead_id")
-API_FIELDS = (
-    "event_type",
-    "callback",
-    "lead_id",
-    "event_time",
-    "event_id",
-    "purchase_amount",
-    "user_tags_age",
-    "ext_pred_ltv",
-    "ext_pred_pay_ratio",
-    "pay_level",
-    "novel_chapter_num",
-    "key_action_category",
-    "key_action_threshold",
-    "action_reason",
-    "server_type",
-    "connection_server",
-)
+API_FIELDS = tuple(ApiEventSchema._declared_fields)
 
 # Raw JSON texts put in place of one field's value.
 HOSTILE_VALUES = {
