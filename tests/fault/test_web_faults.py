@@ -132,7 +132,9 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def fill_disk(path: Path) -> None:
-    # Unbuffered: a buffered file would raise ENOSPC again when closing flushes its remainder.
+    """Write zeros to ``path`` until the file system is full."""
+    # Unbuffered: a buffered file would keep the bytes that did not fit and raise ENOSPC
+    # again when closed.
     with open(path, "wb", buffering=0) as filler:
         try:
             while True:
