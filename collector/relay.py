@@ -77,15 +77,6 @@ class Relay:
         self._record_again_at = 0.0  # after a failed record, when to try the store again
         self._lease_ms = int(config.lease_seconds * 1000)
         self._max_age_ms = int(config.retry_max_age_hours * 3600 * 1000)
-        if config.lease_seconds <= config.upstream_timeout_seconds:
-            # A lease that can expire while its request is still waiting for an answer lets a
-            # second relay send the same event: duplicates without any crash.
-            log.warning(
-                "KS_COLLECTOR_LEASE_SECONDS (%g) should be well above "
-                "KS_COLLECTOR_UPSTREAM_TIMEOUT_SECONDS (%g)",
-                config.lease_seconds,
-                config.upstream_timeout_seconds,
-            )
 
     # ---- the loop ----------------------------------------------------------------------------
 
