@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -121,7 +122,7 @@ _CLAIMED_COLUMNS = (
 )
 
 
-class SqlStore:
+class SqlStore(ABC):
     """Outbox operations in SQL common to SQLite and PostgreSQL (``?`` placeholders)."""
 
     dialect = ""
@@ -132,13 +133,13 @@ class SqlStore:
 
     # ---- engine hooks ------------------------------------------------------------------------
 
+    @abstractmethod
     def transaction(self) -> AbstractContextManager[Any]:
         """A write transaction yielding a cursor; commits on exit, rolls back on error."""
-        raise NotImplementedError
 
+    @abstractmethod
     def reading(self) -> AbstractContextManager[Any]:
         """A cursor for reads."""
-        raise NotImplementedError
 
     def migrate(self) -> list[int]:
         """Apply pending schema migrations in one transaction; return the versions applied."""
@@ -168,10 +169,12 @@ class SqlStore:
         return applied
 
     def _before_migrating(self, cursor: Any) -> None:
-        """Engine-specific preparation inside the migration's transaction."""
+        """Engine-specific preparation inside the migration's transaction (none by default)."""
+        return
 
+    @abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Close this process's connections."""
 
     def sql(self, text: str) -> str:
         return text
@@ -234,6 +237,7 @@ class SqlStore:
     def _lock_unique_keys(self, cursor: Any, keys: list[str]) -> None:
         """Before a batch's inserts, lock its unique keys in one global order, where the engine
         lets concurrent writers interleave (PostgreSQL). SQLite has one writer at a time."""
+        return
 
     def record_landing(self, callback: str, at_ms: int) -> bool:
         """Remember that the tag captured this click id; True the first time."""

@@ -392,12 +392,29 @@ def _signal_quietly(pid: int, signum: int) -> None:
 class HttpProcess(ManagedProcess):
     """A process serving HTTP on ``127.0.0.1:PORT``, ready once ``GET /healthz`` answers 200."""
 
-    def __init__(self, args: Sequence[str], *, workers: int, threads: int | None, **kwargs: Any):
+    command = ""  # the ks-collector subcommand
+
+    def __init__(
+        self,
+        env: Mapping[str, str] | None = None,
+        *,
+        workers: int = 2,
+        threads: int | None = None,
+        database_url: str | None = None,
+        upstream_url: str | None = None,
+        log_dir: Path | str | None = None,
+    ) -> None:
         self.workers = workers
         self.threads = threads
         self.port: int | None = None
-        self._base_args = list(args)
-        super().__init__(args, **kwargs)
+        self._base_args = [self.command]
+        super().__init__(
+            self._base_args,
+            env=env,
+            database_url=database_url,
+            upstream_url=upstream_url,
+            log_dir=log_dir,
+        )
 
     @property
     def url(self) -> str:
@@ -431,52 +448,14 @@ class CollectorServer(HttpProcess):
     """``ks-collector serve``: migrations, gunicorn web workers and the relay, as one command."""
 
     name = "serve"
-
-    def __init__(
-        self,
-        env: Mapping[str, str] | None = None,
-        *,
-        workers: int = 2,
-        threads: int | None = None,
-        database_url: str | None = None,
-        upstream_url: str | None = None,
-        log_dir: Path | str | None = None,
-    ) -> None:
-        super().__init__(
-            ["serve"],
-            workers=workers,
-            threads=threads,
-            env=env,
-            database_url=database_url,
-            upstream_url=upstream_url,
-            log_dir=log_dir,
-        )
+    command = "serve"
 
 
 class WebProcess(HttpProcess):
     """``ks-collector web``: gunicorn alone, no relay; run ``run_cli(["migrate"])`` first."""
 
     name = "web"
-
-    def __init__(
-        self,
-        env: Mapping[str, str] | None = None,
-        *,
-        workers: int = 2,
-        threads: int | None = None,
-        database_url: str | None = None,
-        upstream_url: str | None = None,
-        log_dir: Path | str | None = None,
-    ) -> None:
-        super().__init__(
-            ["web"],
-            workers=workers,
-            threads=threads,
-            env=env,
-            database_url=database_url,
-            upstream_url=upstream_url,
-            log_dir=log_dir,
-        )
+    command = "web"
 
     @property
     def master_pid(self) -> int:
