@@ -195,7 +195,7 @@ SETTINGS: tuple[Setting, ...] = (
         "rate_limit_ip",
         "120/minute",
         str,
-        "Tag beacons allowed per client IP (Flask-Limiter syntax).",
+        "Tag beacons allowed per client IP (`N/second|minute|hour|day`).",
     ),
     Setting("rate_limit_callback", "30/minute", str, "Tag beacons allowed per click id."),
     Setting(

@@ -31,7 +31,7 @@ def create_app(config: Config | None = None, store: SqlStore | None = None) -> F
     app.register_blueprint(pages.blueprint)
     app.register_blueprint(admin.blueprint)
     limits.trust_proxies(app, config.trusted_proxies)
-    limits.install_rate_limits(app, config)
+    app.extensions["ks_rate_limits"] = limits.RateLimits(config)
     app.register_error_handler(StoreUnavailable, store_unavailable)
     app.register_error_handler(HTTPException, http_error)
     app.register_error_handler(Exception, unexpected_error)

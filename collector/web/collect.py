@@ -6,11 +6,10 @@ are checked against the allowlist, and nothing is answered 2xx before it is comm
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, g, request
-from marshmallow import ValidationError
+from flask import Blueprint, Response, current_app, request
 
 from .. import metrics
-from ..validation import EventRefused, normalize_callback, now_ms, validate_tag_event
+from ..validation import EventRefused, now_ms, validate_tag_event
 from .http import (
     BadBody,
     error_response,
@@ -64,6 +63,9 @@ def collect() -> Response:
             f"page origin {origin or '(none sent)'} is not in KS_COLLECTOR_ALLOWED_ORIGINS",
         )
 
+    rate_limits = current_app.extensions["ks_rate_limits"]
+    rate_limits.check_client(request.remote_addr)
+
     raw = beacon_bytes()
     if raw is None and request.method == "GET":
         error_response(414, "uri_too_long", f"d is larger than {MAX_BEACON_BYTES} bytes")
@@ -82,6 +84,7 @@ def collect() -> Response:
         error_response(422, "invalid_event", "the beacon was refused", fields=refused.errors)
 
     conversion = event.conversion
+    rate_limits.check_click(conversion.callback)
     if event.is_landing:
         store.record_landing(conversion.callback, received_at)
         return json_response(202, status="recorded")
@@ -110,20 +113,3 @@ def beacon_bytes() -> bytes | None:
         raw = request.args.get("d", "").encode("utf-8", "surrogatepass")
         return raw if len(raw) <= MAX_BEACON_BYTES else None
     return peek_body(MAX_BEACON_BYTES)
-
-
-def beacon_callback() -> str | None:
-    """The click id a beacon is about, or None if it has none that could be accepted.
-
-    The per-click rate limit is keyed by it, before the view runs; the parse is kept on ``g``.
-    """
-    if "ks_beacon_callback" not in g:
-        g.ks_beacon_callback = None
-        raw = beacon_bytes()
-        try:
-            body = parse_json(raw) if raw is not None else None
-            if isinstance(body, dict) and "callback" in body:
-                g.ks_beacon_callback = normalize_callback(body["callback"])
-        except (BadBody, ValidationError):
-            pass
-    return g.ks_beacon_callback

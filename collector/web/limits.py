@@ -1,8 +1,10 @@
 """Who the client is, and how often it may send: proxy hops and rate limits on ``/collect``.
 
-Two limits guard ``/collect`` (Flask-Limiter, fixed windows): one per client IP and one per
-click id, the latter keyed by the callback inside the beacon. Answers past either limit are
-429 with ``Retry-After``; the tag keeps such events and sends them again later.
+Two limits guard ``/collect`` (fixed windows, from the ``limits`` library that Flask-Limiter is
+built on, called directly: the extension's per-request bookkeeping cost more CPU than the
+rest of a beacon's validation): one per client IP, checked first, and one per click id,
+checked once the beacon is valid. Answers past either limit are 429 with ``Retry-After``; the
+tag keeps such events and sends them again later.
 
 Counters live where ``KS_COLLECTOR_RATE_LIMIT_STORAGE_URI`` says. The default, ``memory://``,
 is private to each gunicorn worker process: with N workers a client can get up to N times the
@@ -21,20 +23,18 @@ import math
 import threading
 import time
 
-from flask import Flask, Response, current_app, request
-from flask_limiter import Limiter, RateLimitExceeded
-from limits.storage import Storage
+from flask import Flask, abort
+from limits import RateLimitItem
+from limits import parse as parse_limit
+from limits.storage import Storage, storage_from_string
+from limits.strategies import FixedWindowRateLimiter
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from .. import metrics
 from ..config import Config
-from . import collect
 from .http import json_response
 
 log = logging.getLogger("ks_collector.web")
-
-# When the limiter cannot say when its window ends (its storage is down), wait this long.
-FALLBACK_RETRY_AFTER_SECONDS = 60
 
 
 class WindowCounters(Storage):
@@ -102,78 +102,52 @@ def trust_proxies(app: Flask, hops: int) -> None:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=0, x_host=0, x_port=0)
 
 
-def client_ip_key() -> str:
-    return "ip:" + (request.remote_addr or "unknown")
+class RateLimits:
+    """The two /collect limits over one counter storage, shared by a worker's threads."""
 
+    def __init__(self, config: Config):
+        self.per_ip = parse_limit(config.rate_limit_ip)
+        self.per_click = parse_limit(config.rate_limit_callback)
+        self.config = config
+        self.limiter = FixedWindowRateLimiter(
+            storage_from_string(_storage_uri(config.rate_limit_storage_uri))
+        )
 
-def callback_key() -> str:
-    """A digest, not the click id: keys can be logged by the storage and kept in Redis."""
-    callback = collect.beacon_callback() or ""
-    digest = hashlib.sha256(callback.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-    return "callback:" + digest
+    def check_client(self, address: str | None) -> None:
+        self._hit(
+            self.per_ip,
+            "ip",
+            address or "unknown",
+            "rate_limit_ip",
+            f"too many beacons from this address (limit {self.config.rate_limit_ip})",
+        )
 
+    def check_click(self, callback: str) -> None:
+        # A digest, not the click id: keys can be logged by the storage and kept in Redis.
+        digest = hashlib.sha256(callback.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        self._hit(
+            self.per_click,
+            "callback",
+            digest,
+            "rate_limit_callback",
+            f"too many beacons for this click id (limit {self.config.rate_limit_callback})",
+        )
 
-def no_callback() -> bool:
-    # A beacon without a readable click id is refused by the view anyway (400, 413 or 422),
-    # after the per-IP limit has counted it.
-    return collect.beacon_callback() is None
-
-
-def install_rate_limits(app: Flask, config: Config) -> Limiter:
-    """Limit ``/collect`` per client IP and per click id, as configured."""
-    limiter = Limiter(
-        client_ip_key,
-        app=app,
-        storage_uri=_storage_uri(config.rate_limit_storage_uri),
-        strategy="fixed-window",
-        key_prefix="ks-collector",
-        # Losing conversions is worse than a flood getting through: if the counters cannot be
-        # reached, beacons are taken unlimited (and the storage error is logged).
-        swallow_errors=True,
-        headers_enabled=False,
-    )
-    # Flask-Limiter logs every breach with its key, i.e. a client IP; we keep no client IPs.
-    logging.getLogger("flask-limiter").setLevel(logging.WARNING)
-
-    view = app.view_functions["collect.collect"]
-    view = limiter.limit(
-        config.rate_limit_callback,
-        key_func=callback_key,
-        exempt_when=no_callback,
-        error_message=f"too many beacons for this click id (limit {config.rate_limit_callback})",
-    )(view)
-    view = limiter.limit(
-        config.rate_limit_ip,
-        key_func=client_ip_key,
-        error_message=f"too many beacons from this address (limit {config.rate_limit_ip})",
-    )(view)
-    # The limits are checked by the wrapped view, so it replaces the one the blueprint registered.
-    app.view_functions["collect.collect"] = view
-
-    app.extensions["ks_limiter"] = limiter
-    app.register_error_handler(RateLimitExceeded, rate_limited)
-    return limiter
+    def _hit(self, limit: RateLimitItem, kind: str, key: str, reason: str, message: str) -> None:
+        try:
+            if self.limiter.hit(limit, "ks-collector", kind, key):
+                return
+            reset_at = self.limiter.get_window_stats(limit, "ks-collector", kind, key).reset_time
+        except Exception as error:
+            # Losing conversions is worse than a flood getting through: with the counters out
+            # of reach, beacons are taken unlimited.
+            log.warning("rate-limit storage unavailable, not limiting: %s", error)
+            return
+        metrics.EVENTS_REFUSED.labels("tag", reason).inc()
+        response = json_response(429, error="rate_limited", message=message)
+        response.headers["Retry-After"] = str(max(1, math.ceil(reset_at - time.time())))
+        abort(response)
 
 
 def _storage_uri(configured: str) -> str:
     return "ks-memory://" if configured.startswith("memory://") else configured
-
-
-def rate_limited(error: RateLimitExceeded) -> Response:
-    limiter: Limiter = current_app.extensions["ks_limiter"]
-    reason = "rate_limit_callback" if error.limit.key_func is callback_key else "rate_limit_ip"
-    metrics.EVENTS_REFUSED.labels("tag", reason).inc()
-    response = json_response(429, error="rate_limited", message=error.description)
-    response.headers["Retry-After"] = str(_seconds_until_reset(limiter))
-    return response
-
-
-def _seconds_until_reset(limiter: Limiter) -> int:
-    breached = limiter.current_limit
-    try:
-        reset_at = breached.reset_at if breached is not None else None
-    except Exception:  # the storage went away between the check and now
-        reset_at = None
-    if reset_at is None:
-        return FALLBACK_RETRY_AFTER_SECONDS
-    return max(1, math.ceil(reset_at - time.time()))
