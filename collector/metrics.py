@@ -56,11 +56,11 @@ DELIVERY_LATENCY = Histogram(
 )
 
 
-def record_attempt(event_type_name: str, result: AttemptResult) -> None:
+def record_attempt(result: AttemptResult) -> None:
     """Count one finished call to Kuaishou.
 
     The ``event_type`` label is the event's code, as on ``ks_events_received``, so the two can
-    be joined in a query; ``event_type_name`` is only what the relay logs.
+    be joined in a query.
     """
     outcome = "dead" if result.dead else result.outcome.value
     RELAY_ATTEMPTS.labels(str(result.event.event_type), outcome).inc()

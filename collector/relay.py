@@ -250,7 +250,7 @@ class Relay:
         event = result.event
         kind = BY_CODE[event.event_type].name if event.event_type in BY_CODE else "?"
         what = f"event {event.id} ({kind}, callback {short_callback(event.callback)})"
-        metrics.record_attempt(kind, result)
+        metrics.record_attempt(result)
         if result.outcome is Outcome.DELIVERED:
             log.info("%s delivered in %d ms", what, result.latency_ms)
         elif result.outcome is Outcome.REJECTED:

@@ -12,12 +12,12 @@ from .. import metrics
 from ..validation import EventRefused, now_ms, validate_tag_event
 from .http import (
     BadBody,
+    body_within,
     error_response,
     json_response,
     origin_allowed,
     page_origin,
     parse_json,
-    peek_body,
 )
 
 # A beacon is a few hundred bytes; the largest legitimate one (4 KB callback) fits easily.
@@ -112,4 +112,4 @@ def beacon_bytes() -> bytes | None:
     if request.method == "GET":
         raw = request.args.get("d", "").encode("utf-8", "surrogatepass")
         return raw if len(raw) <= MAX_BEACON_BYTES else None
-    return peek_body(MAX_BEACON_BYTES)
+    return body_within(MAX_BEACON_BYTES)

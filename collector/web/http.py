@@ -7,7 +7,7 @@ import math
 from typing import Any, NoReturn
 from urllib.parse import SplitResult, urlsplit
 
-from flask import Response, abort, g, jsonify, make_response, request
+from flask import Response, abort, jsonify, make_response, request
 
 # Nesting deeper than this is not an event; refusing it early keeps the parser cheap.
 MAX_JSON_DEPTH = 8
@@ -92,25 +92,18 @@ def parse_json(raw: bytes) -> Any:
 
 def read_body(limit: int) -> bytes:
     """The request body, refused with 413 when it is larger than ``limit`` bytes."""
-    raw = peek_body(limit)
+    raw = body_within(limit)
     if raw is None:
         error_response(413, "payload_too_large", f"the body is larger than {limit} bytes")
     return raw
 
 
-def peek_body(limit: int) -> bytes | None:
-    """The request body if it is at most ``limit`` bytes, else None; it is read only once.
-
-    The rate limiter reads a beacon before its view does (the per-click limit is keyed by the
-    callback inside it), so the bytes are kept on ``g`` for whoever asks next.
-    """
-    if "ks_body" not in g:
-        if request.content_length is not None and request.content_length > limit:
-            g.ks_body = None
-        else:
-            raw = request.stream.read(limit + 1)
-            g.ks_body = raw if len(raw) <= limit else None
-    return g.ks_body
+def body_within(limit: int) -> bytes | None:
+    """The request body if it is at most ``limit`` bytes, else None (read no further)."""
+    if request.content_length is not None and request.content_length > limit:
+        return None
+    raw = request.stream.read(limit + 1)
+    return raw if len(raw) <= limit else None
 
 
 def error_response(http_status: int, code: str, message: str, /, **extra: Any) -> NoReturn:
