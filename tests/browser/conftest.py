@@ -76,16 +76,37 @@ class Recorder:
 
     def expect(self, count: int) -> list[dict]:
         """Wait for ``count`` events, then a quiet spell; return every event received."""
+        self._wait_for(lambda: len(self.hits) >= count)
+        time.sleep(QUIET_SECONDS)
+        with self._changed:
+            return [hit.event for hit in self.hits]
+
+    def expect_distinct(self, count: int) -> list[dict]:
+        """Like ``expect``, but one event per id, as the real collector keeps them.
+
+        A page that navigates before a beacon's answer arrives cannot tell whether it was
+        committed, so the next page load sends it again with the same id. Tests that navigate
+        straight after an event see those re-sends; the collector deduplicates them.
+        """
+        self._wait_for(lambda: len(self._first_of_each_id()) >= count)
+        time.sleep(QUIET_SECONDS)
+        with self._changed:
+            return self._first_of_each_id()
+
+    def _first_of_each_id(self) -> list[dict]:
+        by_id: dict[object, dict] = {}
+        for hit in self.hits:
+            by_id.setdefault(hit.event.get("id"), hit.event)
+        return list(by_id.values())
+
+    def _wait_for(self, condition: Callable[[], bool]) -> None:
         deadline = time.monotonic() + WAIT_SECONDS
         with self._changed:
-            while len(self.hits) < count:
+            while not condition():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._changed.wait(left)
-        time.sleep(QUIET_SECONDS)
-        with self._changed:
-            return [hit.event for hit in self.hits]
 
     def expect_hits(self, count: int) -> list[Hit]:
         self.expect(count)
