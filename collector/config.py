@@ -7,6 +7,7 @@ here without documentation fails CI.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,35 @@ def _parse_event_codes(raw: str) -> frozenset[int]:
 
 def _parse_list(raw: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+# An allowlist entry: `*`; a subdomain pattern `*.example.com`; an origin, exactly as browsers send
+# it in `Origin` (`https://shop.example.com`, `http://127.0.0.1:8080`), or one whose host is a
+# subdomain pattern (`https://*.example.com`). A trailing slash is forgiven.
+_ORIGIN_ENTRY = re.compile(
+    r"""\*
+    | \*\.[a-z0-9-]+(\.[a-z0-9-]+)*
+    | https?://(\*\.)?([a-z0-9-]+(\.[a-z0-9-]+)*|\[[0-9a-f:.]+\])(:[0-9]{1,5})?/?""",
+    re.IGNORECASE | re.VERBOSE,
+)
+
+
+def _parse_origins(raw: str) -> tuple[str, ...]:
+    """Refuse what can never match a page's origin: a host without its scheme, a path. Such an
+    entry would answer 403 to every beacon of the site it was meant for."""
+    entries = _parse_list(raw)
+    for entry in entries:
+        if _ORIGIN_ENTRY.fullmatch(entry) is None:
+            hint = ""
+            if "://" not in entry and not entry.startswith("*"):
+                hint = f" (did you mean https://{entry}?)"
+            elif entry.rstrip("/").count("/") > 2:
+                hint = " (an origin has no path)"
+            raise ValueError(
+                f"{entry!r} is not an origin such as https://shop.example.com, "
+                f"*.example.com or *{hint}"
+            )
+    return entries
 
 
 def _parse_tokens(raw: str) -> dict[str, str]:
@@ -174,7 +204,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "allowed_origins",
         "",
-        _parse_list,
+        _parse_origins,
         "Landing-page origins allowed to send tag events, e.g. "
         "`https://a.example.com,*.example.org`; `*` allows any. Empty: any origin, and "
         "`serve` refuses to listen beyond loopback.",

@@ -52,20 +52,20 @@ def _die_with_parent() -> None:
 
 
 def check_bind_is_safe(bind: str, config: Config) -> None:
-    """Refuse a public bind without an origin allowlist; warn when the allowlist is ``*``."""
-    if is_loopback_bind(bind):
-        return
-    if not config.allowed_origins:
-        raise SystemExit(
-            f"refusing to listen on {bind} with no KS_COLLECTOR_ALLOWED_ORIGINS: anyone could "
-            "post conversions for your landing pages. Set the origins of your landing pages, "
-            "or '*' to accept any page deliberately."
-        )
+    """Refuse a public bind without an origin allowlist; warn when the allowlist is ``*``
+    (on loopback too: a proxy in front makes any bind public)."""
     if "*" in config.allowed_origins:
         log.warning(
             "KS_COLLECTOR_ALLOWED_ORIGINS is '*': tag events are accepted from any "
             "page on the internet"
         )
+    if is_loopback_bind(bind) or config.allowed_origins:
+        return
+    raise SystemExit(
+        f"refusing to listen on {bind} with no KS_COLLECTOR_ALLOWED_ORIGINS: anyone could "
+        "post conversions for your landing pages. Set the origins of your landing pages, "
+        "or '*' to accept any page deliberately."
+    )
 
 
 class GunicornApp(BaseApplication):

@@ -10,7 +10,7 @@ from urllib.parse import quote
 import pytest
 
 from collector.catalog import EVENT_TYPES
-from collector.config import Config
+from collector.config import Config, ConfigError
 from collector.server import check_bind_is_safe, is_loopback_bind
 from tests.hostile.apps import (
     CRM_TOKEN,
@@ -223,6 +223,80 @@ def test_public_bind_with_star_allowlist_starts_with_a_warning(caplog):
     assert [record.getMessage() for record in caplog.records] == [
         "KS_COLLECTOR_ALLOWED_ORIGINS is '*': tag events are accepted from any page on the internet"
     ]
+
+
+def test_loopback_bind_with_star_allowlist_warns_too(caplog):
+    caplog.set_level("WARNING", logger="ks_collector.server")
+
+    check_bind_is_safe("127.0.0.1:8000", Config.from_env({}, allowed_origins="*"))
+
+    assert [record.getMessage() for record in caplog.records] == [
+        "KS_COLLECTOR_ALLOWED_ORIGINS is '*': tag events are accepted from any page on the internet"
+    ]
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        "*",
+        "*.example.org",
+        "https://shop.example.com",
+        "https://shop.example.com/",
+        "http://127.0.0.1:18602",
+        "https://*.example.org",
+        "http://[::1]:8080",
+        " https://a.example.com , *.example.org ",
+    ],
+)
+def test_origin_entries_browsers_can_match_are_taken(entries):
+    expected = tuple(entry.strip() for entry in entries.split(","))
+
+    assert Config.from_env({"KS_COLLECTOR_ALLOWED_ORIGINS": entries}).allowed_origins == expected
+
+
+@pytest.mark.parametrize(
+    ("entries", "reason"),
+    [
+        (
+            "127.0.0.1:18602",
+            "'127.0.0.1:18602' is not an origin such as https://shop.example.com, *.example.com"
+            " or * (did you mean https://127.0.0.1:18602?)",
+        ),
+        (
+            "https://a.example.com,example.org",
+            "'example.org' is not an origin such as https://shop.example.com, *.example.com"
+            " or * (did you mean https://example.org?)",
+        ),
+        (
+            "https://shop.example.com/landing",
+            "'https://shop.example.com/landing' is not an origin such as"
+            " https://shop.example.com, *.example.com or * (an origin has no path)",
+        ),
+        (
+            "ftp://files.example.com",
+            "'ftp://files.example.com' is not an origin such as https://shop.example.com,"
+            " *.example.com or *",
+        ),
+    ],
+)
+def test_origin_entries_no_page_could_match_are_refused_by_name(entries, reason):
+    with pytest.raises(ConfigError) as refused:
+        Config.from_env({"KS_COLLECTOR_ALLOWED_ORIGINS": entries})
+
+    assert str(refused.value) == f"KS_COLLECTOR_ALLOWED_ORIGINS={entries!r}: {reason}"
+
+
+def test_serve_refuses_to_start_with_an_origin_missing_its_scheme(tmp_path):
+    result = run_cli(
+        ["serve", "--bind", f"127.0.0.1:{free_port()}"],
+        {"KS_COLLECTOR_ALLOWED_ORIGINS": "shop.example.com"},
+        database_url=f"sqlite:///{tmp_path}/ks.db",
+        timeout=30,
+        check=False,
+    )
+
+    assert result.returncode != 0
+    assert "did you mean https://shop.example.com?" in result.stderr
 
 
 def test_public_bind_with_an_allowlist_starts_silently(caplog):
