@@ -1,46 +1,31 @@
 /* ks-collector tag: keeps the Kuaishou click id (callback) and reports conversions. */
 (function (window, document) {
-  var previous = window.kstag;
-  if (previous && previous.loaded) return;
+  var previous = window.kstag || {};
+  if (previous.loaded) return;
 
   // Options
 
   // Without currentScript (old browsers), the first script that looks like this tag.
-  var script = document.currentScript || document.querySelector('script[src$="/tag.js"]');
-  var endpoint = (option('data-endpoint') || scriptOrigin()).replace(/\/+$/, '') + '/collect';
-  var ttlDays = +option('data-ttl-days');
+  var script = document.currentScript || document.querySelector('script[src$="/tag.js"]') || {};
+  // data-endpoint, data-ttl-days, data-field-name on the script tag.
+  var options = script.dataset || {};
+  // By default the origin the tag was loaded from.
+  var endpoint =
+    (options.endpoint || (script.src || '').split('/').slice(0, 3).join('/')).replace(/\/+$/, '') +
+    '/collect';
+  var ttlDays = +options.ttlDays;
   var ttl = (ttlDays > 0 ? ttlDays : 7) * 864e5;
-  var fieldName = option('data-field-name') || 'ks_callback';
+  var fieldName = options.fieldName || 'ks_callback';
 
-  var CALLBACK_KEY = 'ks_cb';
-  var QUEUE_KEY = 'ks_q';
+  // Stored under the keys 'ks_cb' (click id) and 'ks_q' (retry queue).
   var QUEUE_SIZE = 20;
   var QUEUE_AGE = 864e5;
   var SEND_LIMIT = 5;
-  var MACRO = /^__[A-Z0-9_]+__$/;
 
   // Helpers
 
-  function option(name) {
-    return script && script.getAttribute(name);
-  }
-
-  function scriptOrigin() {
-    return script ? script.src.split('/').slice(0, 3).join('/') : '';
-  }
-
   function now() {
-    return Date.now();
-  }
-
-  function randomId() {
-    var id = '', bytes = [];
-    try {
-      bytes = crypto.getRandomValues(new Uint8Array(32));
-    } catch (e) {}
-    // A hex digit from each random byte, or from Math.random alone where crypto is missing.
-    for (var i = 0; i < 32; i++) id += ((bytes[i] ^ Math.random() * 16) & 15).toString(16);
-    return id;
+    return +new Date();
   }
 
   // Nothing the tag does may throw into the page: each way in (a kstag call, a page event, a
@@ -58,11 +43,11 @@
   // would turn node.parentNode into a loop.
   var element = Element.prototype;
 
-  // The innermost element with the attribute that holds node (or is node).
-  function marked(node, name) {
+  // The attribute's value on the innermost element with it that holds (or is) the event's target.
+  function marked(e, name) {
     var all = document.querySelectorAll('[' + name + ']'), i = all.length;
     while (i--) {
-      if (element.contains.call(all[i], node)) return all[i];
+      if (element.contains.call(all[i], e.target)) return element.getAttribute.call(all[i], name);
     }
   }
 
@@ -72,15 +57,15 @@
   var memory = {};
 
   function load(key) {
+    var value;
     try {
-      var value = localStorage.getItem(key);
-      if (value != null) return value;
+      value = localStorage.getItem(key);
     } catch (e) {}
     try {
-      var match = document.cookie.match('(?:^|; )' + key + '=([^;]*)');
-      if (match) return decodeURIComponent(match[1]);
+      // Without such a cookie, null[2] throws.
+      value = value || decodeURIComponent(document.cookie.match('(^|; )' + key + '=([^;]*)')[2]);
     } catch (e) {}
-    return memory[key];
+    return value || memory[key];
   }
 
   // Only values given a maxAge (seconds) may go to a cookie: the queue is too big for one.
@@ -91,34 +76,10 @@
     } catch (e) {
       try {
         if (maxAge) {
-          document.cookie = key + '=' + encodeURIComponent(value) + '; path=/; max-age=' + maxAge;
+          document.cookie = key + '=' + encodeURIComponent(value) + ';path=/;max-age=' + maxAge;
         }
       } catch (e2) {}
     }
-  }
-
-  // Click id
-
-  function urlCallback() {
-    var pattern = /[?&#]callback=([^&#]*)/g;
-    var text = location.search + location.hash;
-    var match, value;
-    while ((match = pattern.exec(text))) {
-      // Decoded once, and without turning '+' into a space: click ids carry a raw '+'.
-      try {
-        value = decodeURIComponent(match[1]);
-      } catch (e) {
-        value = match[1];
-      }
-      if (value && !MACRO.test(value)) return value;
-    }
-  }
-
-  // Kept as 'expiry|click id', plain text: pages that change how JSON treats arrays (Prototype.js
-  // makes an array serialize to a string) cannot garble it.
-  function storedCallback() {
-    var saved = /^(\d+)\|([^]+)/.exec(load(CALLBACK_KEY));
-    if (saved && saved[1] > now()) return saved[2];
   }
 
   // Sending and the retry queue. A queued item is {e: event, t: time of the action,
@@ -129,7 +90,7 @@
   function pending(exceptId) {
     var items = [];
     try {
-      var saved = JSON.parse(load(QUEUE_KEY));
+      var saved = JSON.parse(load('ks_q'));
       for (var i = 0; i < saved.length; i++) {
         var item = saved[i];
         if (item.e.id !== exceptId && now() - item.t < QUEUE_AGE &&
@@ -139,62 +100,69 @@
     return items;
   }
 
-  function saveQueue(items) {
+  // Rewrites the queue without the event `id`, and with `item` (that event's new state) if given.
+  function keep(id, item) {
+    var items = pending(id);
+    if (item) items[items.length] = item; // not push: pages replace it with broken versions
     items = items.slice(-QUEUE_SIZE);
     // Prototype.js gives arrays a toJSON that returns a string, which JSON.stringify would save.
     items.toJSON = 0;
-    save(QUEUE_KEY, JSON.stringify(items));
+    save('ks_q', JSON.stringify(items));
   }
 
-  // The caller saves the queue after this returns, so the new count and blind flag are kept.
+  // Sends a queued item's event and saves the item with its new count and blind flag: it stays
+  // queued until an answer says it is done.
   function send(item) {
     var event = item.e;
     // The first send is the action itself; a re-send says how long ago the action was.
-    event.age_ms = item.n ? Math.max(0, now() - item.t) : 0;
-    item.n++;
+    event.age_ms = item.n++ && Math.max(0, now() - item.t);
     var body = JSON.stringify(event);
 
     // A string body makes this a CORS simple request (text/plain): no preflight. Cross-origin,
-    // the browser sends no cookies and only the page's origin as the referrer.
+    // the browser sends no cookies and only the page's origin as the referrer. A network failure
+    // rejects and leaves the event queued; now() serves as a no-op rejection handler, so that the
+    // page does not see an unhandled rejection.
     try {
       fetch(endpoint, {method: 'POST', body: body, keepalive: true}).then(guard(function (answer) {
         // 2xx is committed; any other 4xx but 408 and 429 can never be accepted.
-        if (/^(2|4(?!08|29))/.test(answer.status)) saveQueue(pending(event.id));
-      }), function () {});
-      return;
-    } catch (e) {}
-
-    // Neither of these shows the answer: the next page load sends the event once more.
-    item.b = 1;
-    try {
-      if (navigator.sendBeacon(endpoint, body)) return;
-    } catch (e) {}
-    try {
-      var image = new Image();
-      // The origin, not the page's URL: the collector checks it against its allowlist.
-      image.referrerPolicy = 'origin';
-      image.src = endpoint + '?d=' + encodeURIComponent(body);
-    } catch (e) {}
+        if (/^(2|4(?!08|29))/.test(answer.status)) keep(event.id);
+      }), now);
+    } catch (e) {
+      // Neither of these shows the answer: the next page load sends the event once more.
+      item.b = 1;
+      try {
+        // false: the browser did not queue it (too big, or too much in flight), so the image.
+        if (!navigator.sendBeacon(endpoint, body)) throw 0;
+      } catch (e2) {
+        try {
+          var image = new Image();
+          // The origin, not the page's URL: the collector checks it against its allowlist.
+          image.referrerPolicy = 'origin';
+          image.src = endpoint + '?d=' + encodeURIComponent(body);
+        } catch (e3) {}
+      }
+    }
+    keep(event.id, item);
   }
 
   var flush = guard(function () {
     var items = pending();
     for (var i = 0; i < items.length; i++) send(items[i]);
-    saveQueue(items);
   });
 
   var track = guard(function (type, props) {
     if (!callback || !type) return;
 
-    var event = {v: 1, id: randomId(), type: '' + type, callback: callback};
+    var id = '', bytes = [], i = 32;
+    try {
+      bytes = crypto.getRandomValues(new Uint8Array(i));
+    } catch (e) {}
+    // A hex digit from each random byte, or from Math.random alone where crypto is missing.
+    while (i--) id += (bytes[i] % 16 ^ Math.random() * 16).toString(16);
+    var event = {v: 1, id: id, type: '' + type, callback: callback};
     var leadId = props && props.lead_id;
-    if (leadId != null && (leadId += '') && leadId.length <= 128) event.lead_id = leadId;
-
-    var item = {e: event, t: now(), n: 0};
-    var items = pending();
-    items[items.length] = item; // not push: pages replace it with broken versions
-    send(item);
-    saveQueue(items);
+    if (leadId != null && (leadId += '') && !leadId[128]) event.lead_id = leadId;
+    send({e: event, t: now(), n: 0});
   });
 
   // Page events
@@ -202,28 +170,55 @@
   function fillField(form) {
     var input = element.querySelector.call(form, 'input[name="' + fieldName + '"]');
     if (!input) {
-      input = document.createElement('input');
+      input = element.appendChild.call(form, document.createElement('input'));
       input.type = 'hidden';
       input.name = fieldName;
-      element.appendChild.call(form, input);
     }
     input.value = callback;
   }
 
   var fillForms = guard(function () {
-    for (var i = 0; i < document.forms.length; i++) fillField(document.forms[i]);
+    var forms = document.forms, i = forms.length;
+    while (i--) fillField(forms[i]);
   });
 
-  var wechatCopied = false;
+  var wechatCopied;
 
-  function wechatCopy(node) {
-    if (!wechatCopied && marked(node, 'data-ks-wechat')) {
+  // A click on a data-ks-wechat element (the usual "copy WeChat ID" button), or a copy whose
+  // selection starts in one: Chromium and WebKit aim copy at that element (or the input).
+  function wechatCopy(e) {
+    if (!wechatCopied && marked(e, 'data-ks-wechat') != null) {
       wechatCopied = true;
       track('wechat_copy');
     }
   }
 
-  function listen() {
+  // Start
+
+  // The click id: the first callback in the query or a hash route that is neither empty nor a
+  // macro Kuaishou left unreplaced, decoded once and without turning '+' into a space (click ids
+  // carry a raw '+').
+  var fromUrl;
+  (location.search + location.hash).replace(/[?&#]callback=([^&#]*)/g, function (all, value) {
+    try {
+      value = decodeURIComponent(value);
+    } catch (e) {}
+    if (!fromUrl && !/^(__[A-Z0-9_]+__)?$/.test(value)) fromUrl = value;
+  });
+  // Kept as 'expiry|click id', plain text: pages that change how JSON treats arrays (Prototype.js
+  // makes an array serialize to a string) cannot garble it.
+  var saved = /^(\d+)\|([^]+)/.exec(load('ks_cb')) || [];
+  var stored = saved[1] > now() && saved[2];
+  var callback = fromUrl || stored;
+  if (fromUrl) save('ks_cb', now() + ttl + '|' + fromUrl, ttl / 1e3 | 0);
+
+  function kstag(command, type, props) {
+    if (command === 'track') track(type, props);
+  }
+  kstag.loaded = true;
+  window.kstag = kstag;
+
+  if (callback) {
     // Capture phase: forms and buttons whose own handlers stop propagation still count.
     document.addEventListener('submit', guard(function (e) {
       fillField(e.target);
@@ -231,15 +226,11 @@
     }), true);
 
     document.addEventListener('click', guard(function (e) {
-      var tracked = marked(e.target, 'data-ks-track');
-      if (tracked) track(tracked.getAttribute('data-ks-track'));
-      wechatCopy(e.target);
+      track(marked(e, 'data-ks-track'));
+      wechatCopy(e);
     }), true);
 
-    // Chromium and WebKit aim copy at the element where the selection starts (or the input).
-    document.addEventListener('copy', guard(function (e) {
-      wechatCopy(e.target);
-    }), true);
+    document.addEventListener('copy', guard(wechatCopy), true);
 
     fillForms();
     try {
@@ -248,28 +239,13 @@
       });
     } catch (e) {}
   }
-
-  // Start
-
-  var fromUrl = urlCallback();
-  var stored = storedCallback();
-  var callback = fromUrl || stored;
-  if (fromUrl) save(CALLBACK_KEY, now() + ttl + '|' + fromUrl, ttl / 1e3 | 0);
-
-  function kstag(command, type, props) {
-    if (command === 'track') track(type, props);
-  }
-  kstag.loaded = true;
-  window.kstag = kstag;
-
-  if (callback) listen();
   flush();
   if (fromUrl && fromUrl !== stored) track('landing');
   // The page's queue may hold anything: one bad call must not stop the others.
-  var calls = previous && previous.q || [];
+  var calls = previous.q || [];
   for (var i = 0; i < calls.length; i++) {
     try {
-      kstag.apply(null, calls[i]);
+      kstag.apply(0, calls[i]);
     } catch (e) {}
   }
   window.addEventListener('online', flush);
