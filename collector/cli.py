@@ -69,16 +69,30 @@ class Context:
 
     @property
     def store(self) -> SqlStore:
+        """The configured store; only ``migrate`` may bring a new SQLite file into being."""
         if self._store is None:
-            try:
-                self._store = open_store(self.config.database_url)
-            except (ValueError, RuntimeError) as error:
-                raise click.ClickException(str(error)) from None
+            self.require_database()
+            self._open_store()
+        assert self._store is not None
         return self._store
 
-    def migrate(self) -> None:
+    def require_database(self) -> None:
+        problem = missing_sqlite_file(self.config.database_url)
+        if problem:
+            raise click.ClickException(problem)
+
+    def _open_store(self) -> None:
         try:
-            applied = self.store.migrate()
+            self._store = open_store(self.config.database_url)
+        except (ValueError, RuntimeError) as error:
+            raise click.ClickException(str(error)) from None
+
+    def migrate(self) -> None:
+        if self._store is None:
+            self._open_store()
+        assert self._store is not None
+        try:
+            applied = self._store.migrate()
         except StoreUnavailable as error:
             raise click.ClickException(f"cannot migrate the store: {error}") from None
         if applied:
@@ -87,6 +101,27 @@ class Context:
 
 
 pass_context = click.make_pass_decorator(Context, ensure=True)
+
+
+def missing_sqlite_file(url: str) -> str | None:
+    """Why a SQLite URL names no database yet, or None. Opening it would create an empty file
+    where the user meant to read the real one, typically from another working directory."""
+    from .store.sqlite import path_from_url
+
+    if not url.startswith("sqlite:"):
+        return None
+    try:
+        relative = path_from_url(url)
+    except ValueError as error:
+        return str(error)
+    path = os.path.abspath(relative)
+    if os.path.isfile(path):
+        return None
+    where = "" if os.path.isabs(relative) else f" ({relative} is relative to {os.getcwd()})"
+    return (
+        f"no database at {path}{where}: run this where the collector runs, set "
+        "KS_COLLECTOR_DATABASE_URL to its database, or create one with ks-collector migrate"
+    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -146,7 +181,9 @@ def web(ctx: Context, bind: str, workers: int, threads: int, no_migrate: bool) -
     from .server import check_bind_is_safe, run_web
 
     check_bind_is_safe(bind, ctx.config)
-    if not no_migrate:
+    if no_migrate:
+        ctx.require_database()
+    else:
         ctx.migrate()
     run_web(bind, workers, threads)
 
@@ -158,7 +195,9 @@ def relay(ctx: Context, no_migrate: bool) -> None:
     """Run only a relay; any number may share one PostgreSQL store."""
     from .server import run_relay
 
-    if not no_migrate:
+    if no_migrate:
+        ctx.require_database()
+    else:
         ctx.migrate()
     run_relay(ctx.config)
 
@@ -424,18 +463,10 @@ def check_store(config: Config) -> tuple[Finding, SqlStore | None]:
     from .store.schema import LATEST_VERSION
 
     shown = redacted_url(config.database_url)
-    if config.database_url.startswith("sqlite:"):
-        # Opening a missing SQLite file would create an empty one; a check must change nothing.
-        from .store.sqlite import path_from_url
-
-        try:
-            path = os.path.abspath(path_from_url(config.database_url))
-        except ValueError as error:
-            return Finding("fail", "store", str(error)), None
-        if not os.path.isfile(path):
-            return Finding(
-                "fail", "store", f"{path} does not exist: run ks-collector migrate"
-            ), None
+    # Opening a missing SQLite file would create an empty one; a check must change nothing.
+    problem = missing_sqlite_file(config.database_url)
+    if problem:
+        return Finding("fail", "store", problem), None
     try:
         store = open_store(config.database_url)
     except (ValueError, RuntimeError) as error:

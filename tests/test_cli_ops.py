@@ -7,13 +7,20 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from collector.store import AttemptResult, Outcome, SqlStore, open_store
 from collector.validation import Conversion, now_ms
-from tests.support.processes import UNREACHABLE_UPSTREAM, free_port, run_cli
+from tests.support.processes import (
+    UNREACHABLE_UPSTREAM,
+    cli_command,
+    collector_env,
+    free_port,
+    run_cli,
+)
 
 API_TOKEN = "crm-token-0123456789abcdef"
 ADMIN_TOKEN = "admin-token-0123456789abcdef"
@@ -151,9 +158,49 @@ def test_a_missing_sqlite_file_fails_and_is_not_created(tmp_path):
     code, findings = check(f"sqlite:///{path}")
 
     assert code == 1
-    assert findings["store"] == ("fail", f"{path} does not exist: run ks-collector migrate")
+    assert findings["store"] == (
+        "fail",
+        f"no database at {path}: run this where the collector runs, set "
+        "KS_COLLECTOR_DATABASE_URL to its database, or create one with ks-collector migrate",
+    )
     assert findings["relay"] == ("fail", "not checked: the store is not usable")
     assert not path.exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["stats"],
+        ["events"],
+        ["replay", "--since", "24h"],
+        ["purge", "--older-than", "30d"],
+        ["send", "form", "--callback", "CB-1"],
+        ["relay", "--no-migrate"],
+        ["web", "--no-migrate", "--bind", "127.0.0.1:0"],
+    ],
+    ids=lambda command: command[0],
+)
+def test_commands_run_away_from_the_database_say_where_they_looked_and_create_nothing(
+    tmp_path, command
+):
+    # The default URL is relative: run from another directory, it names no database there.
+    result = subprocess.run(
+        [*cli_command(), *command],
+        cwd=tmp_path,
+        env=collector_env(database_url="sqlite:///ks-collector.db"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"Error: no database at {tmp_path}/ks-collector.db (ks-collector.db is relative to "
+        f"{tmp_path}): run this where the collector runs, set KS_COLLECTOR_DATABASE_URL to its "
+        "database, or create one with ks-collector migrate\n"
+    )
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_store_that_was_never_migrated_fails(database_url):

@@ -6,6 +6,8 @@ Each test runs the real command as a subprocess against a real SQLite file.
 from __future__ import annotations
 
 import json
+import sqlite3
+from contextlib import closing
 
 import pytest
 
@@ -128,6 +130,10 @@ def test_send_refuses_an_unknown_lead_id(database):
 
 
 def test_send_to_a_store_without_schema_fails_without_a_traceback(sqlite_url):
+    # A database file that exists but was never migrated (a missing one is refused earlier).
+    with closing(sqlite3.connect(sqlite_url.removeprefix("sqlite:///"))) as database:
+        database.execute("CREATE TABLE unrelated (x)")
+
     result = send(sqlite_url, "form", "--callback", "CLICK-1", check=False)
     assert result.returncode == 1
     assert result.stderr.startswith("Error: event not queued: ")
