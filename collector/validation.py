@@ -238,6 +238,11 @@ def parse_event_time(raw: Any, received_at_ms: int, max_age_ms: int) -> int:
 
 def resolve_event_type(raw: Any) -> catalog.EventType:
     event_type = catalog.lookup(raw)
+    if event_type is None and isinstance(raw, float):
+        # 44.0 names a real event type, but a code is an integer: say that, not "unknown".
+        raise ValidationError(
+            "must be an integer code (44, not 44.0) or a name; see GET /api/v1/event-types"
+        )
     if event_type is None:
         raise ValidationError(
             "is not a Kuaishou event type; see GET /api/v1/event-types for codes and names"
