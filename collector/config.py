@@ -246,7 +246,8 @@ SETTINGS: tuple[Setting, ...] = (
         "metrics_dir",
         "",
         str,
-        "Directory for Prometheus multiprocess files; empty: a fresh temporary directory.",
+        "A directory of its own for Prometheus multiprocess files (their stale ones are "
+        "removed at start); empty: a fresh temporary directory.",
     ),
 )
 

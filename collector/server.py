@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -150,13 +152,32 @@ def run_relay(config: Config) -> None:
     store.close()
 
 
+# The files prometheus_client's multiprocess mode writes: one per metric kind and process.
+METRICS_FILE = re.compile(r"(counter|histogram|summary|gauge_[a-z]+)_\d+\.db")
+
+
 def prepare_metrics_dir(config: Config) -> str:
-    """A clean multiprocess directory; counters from a previous run must not leak in."""
-    if config.metrics_dir:
-        shutil.rmtree(config.metrics_dir, ignore_errors=True)
-        os.makedirs(config.metrics_dir, exist_ok=True)
-        return config.metrics_dir
-    return tempfile.mkdtemp(prefix="ks-collector-metrics-")
+    """A multiprocess directory without counters from a previous run. Only prometheus_client's
+    own files are removed from a configured one, which may hold anything: emptying it whole
+    would delete whatever else is there (the outbox, for one)."""
+    if not config.metrics_dir:
+        return tempfile.mkdtemp(prefix="ks-collector-metrics-")
+    os.makedirs(config.metrics_dir, exist_ok=True)
+    foreign = []
+    for name in sorted(os.listdir(config.metrics_dir)):
+        if METRICS_FILE.fullmatch(name):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(config.metrics_dir, name))
+        elif name.endswith(".db"):
+            foreign.append(name)
+    if foreign:
+        # prometheus_client reads every *.db there as metrics: /metrics would fail on them.
+        raise SystemExit(
+            f"KS_COLLECTOR_METRICS_DIR={config.metrics_dir} holds {', '.join(foreign)}: give "
+            "the metrics a directory of their own (prometheus_client reads every *.db file "
+            "there as its own)"
+        )
+    return config.metrics_dir
 
 
 def serve(bind: str, workers: int, threads: int, config: Config) -> int:

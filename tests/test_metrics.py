@@ -24,7 +24,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from collector.store import open_store
 from tests.support.mock_kuaishou import MockKuaishou
-from tests.support.processes import CollectorServer, HttpProcess, WebProcess, run_cli
+from tests.support.processes import (
+    CollectorServer,
+    HttpProcess,
+    WebProcess,
+    free_port,
+    run_cli,
+)
 
 API_TOKEN = "crm-token-0123456789abcdef"
 TAG_EVENTS = 3  # WeChat copies from the tag, delivered
@@ -287,6 +293,45 @@ def test_web_alone_starts_from_an_empty_metrics_directory(sqlite_url, tmp_path):
 
     with WebProcess(env, workers=2, database_url=database) as second:
         assert scrape(second).value("ks_events_received_total") == 0
+
+
+def test_a_metrics_directory_with_other_files_loses_only_stale_metrics(sqlite_url, tmp_path):
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    (metrics_dir / "important.txt").write_text("precious")
+    for stale in ("counter_999999.db", "gauge_livesum_999999.db", "histogram_999999.db"):
+        (metrics_dir / stale).write_bytes(b"stale")
+    env = {
+        "KS_COLLECTOR_METRICS_DIR": str(metrics_dir),
+        "KS_COLLECTOR_API_TOKENS": f"crm:{API_TOKEN}",
+    }
+
+    with WebProcess(env, workers=1, database_url=migrated(sqlite_url)) as web:
+        assert post_api(web, {"event_type": "form", "callback": "KEEP-1"}) == 202
+        assert scrape(web).value("ks_events_received_total") == 1
+
+    assert (metrics_dir / "important.txt").read_text() == "precious"
+    assert not list(metrics_dir.glob("*_999999.db"))
+
+
+def test_a_metrics_directory_holding_the_outbox_is_refused_and_left_alone(tmp_path):
+    database = migrated(f"sqlite:///{tmp_path / 'ks.db'}")
+    env = {"KS_COLLECTOR_METRICS_DIR": str(tmp_path)}
+
+    result = run_cli(
+        ["web", "--bind", f"127.0.0.1:{free_port()}"],
+        env,
+        database_url=database,
+        timeout=30,
+        check=False,
+    )
+
+    assert result.returncode == 1
+    assert result.stderr.strip().endswith(
+        f"KS_COLLECTOR_METRICS_DIR={tmp_path} holds ks.db: give the metrics a directory of "
+        "their own (prometheus_client reads every *.db file there as its own)"
+    )
+    assert open_store(database).schema_version() == 1
 
 
 def test_outbox_gauges_are_left_out_when_the_store_cannot_be_read(tmp_path):
