@@ -37,6 +37,10 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # the others use "\Z": either way a trailing newline is not silently accepted.
 _EVENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}(?!\n)$")
 _EVENT_ID_RULE = "must be 1 to 128 letters, digits or . _ : -"
+# Beacons' ids are kept under this prefix, apart from the API's: /collect is public, and a
+# beacon reusing a CRM's event_id (an order number, say) must not make that conversion a
+# duplicate. The API refuses ids with it.
+TAG_EVENT_ID_PREFIX = "tag:"
 # A lead id is the advertiser's own text; anything printable, never control characters.
 _LEAD_ID = re.compile(r"^[^\x00-\x1f\x7f]{1,128}(?!\n)$")
 _LEAD_ID_RULE = "must be 1 to 128 characters without control characters"
@@ -279,6 +283,11 @@ def check_parameters(event_type: catalog.EventType, data: dict[str, Any]) -> dic
 # Schemas
 
 
+def _not_a_tag_event_id(value: str) -> None:
+    if value.startswith(TAG_EVENT_ID_PREFIX):
+        raise ValidationError(f"must not start with {TAG_EVENT_ID_PREFIX!r}: kept for tag beacons")
+
+
 class _StrictSchema(Schema):
     """Fields not declared are refused by name rather than silently dropped."""
 
@@ -364,7 +373,9 @@ class ApiEventSchema(_StrictSchema):
     )
     event_id = fields.String(
         allow_none=True,
-        validate=validate.Regexp(_EVENT_ID, error=_EVENT_ID_RULE),
+        validate=validate.And(
+            validate.Regexp(_EVENT_ID, error=_EVENT_ID_RULE), _not_a_tag_event_id
+        ),
         metadata={
             "description": "idempotency key: an event_id seen before is answered duplicate "
             "and not relayed again"
@@ -571,7 +582,7 @@ def validate_tag_event(body: Any, *, received_at_ms: int) -> TagEvent:
         event_time_ms=received_at_ms - data["age_ms"],
         received_at_ms=received_at_ms,
         source="tag",
-        event_id=data["id"],
+        event_id=TAG_EVENT_ID_PREFIX + data["id"],
         lead_id=data.get("lead_id"),
     )
     return TagEvent(conversion, is_landing)

@@ -328,6 +328,31 @@ def test_a_form_from_the_tag_then_the_api_is_stored_once(api):
     assert [row["source"] for row in api.rows()] == ["tag"]
 
 
+def test_a_beacon_cannot_take_the_event_id_of_an_api_conversion(any_api):
+    # /collect is public: a beacon naming a CRM's order number must not turn the payment
+    # reported later under that number into a duplicate that is never relayed.
+    tag = any_api.beacon(id="order-10087", type="form", callback="FORGED-CB")
+    payment = {"event_type": 3, "callback": "REAL-CB", "purchase_amount": 99}
+    [from_api] = accepted(any_api.post({**payment, "event_id": "order-10087"}))
+
+    assert (tag.status_code, tag.get_json()["event_id"]) == (202, "order-10087")
+    assert (from_api["status"], from_api["event_id"]) == ("accepted", "order-10087")
+    assert [(row["source"], row["event_id"], row["callback"]) for row in any_api.rows()] == [
+        ("tag", "tag:order-10087", "FORGED-CB"),
+        ("api", "order-10087", "REAL-CB"),
+    ]
+
+
+def test_an_api_event_id_may_not_start_with_the_tag_prefix(api):
+    response = api.post({"event_type": 9, "callback": "CLICK-1", "event_id": "tag:order-1"})
+
+    assert response.status_code == 422
+    assert response.get_json()["events"] == [
+        {"index": 0, "errors": {"event_id": ["must not start with 'tag:': kept for tag beacons"]}}
+    ]
+    assert api.rows() == []
+
+
 def test_once_per_callback_types_follow_the_setting(sqlite_url):
     api = Api(sqlite_url, once_per_callback="2")
     for _ in range(2):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app, request
 
 from .. import metrics
-from ..validation import EventRefused, now_ms, validate_tag_event
+from ..validation import TAG_EVENT_ID_PREFIX, EventRefused, now_ms, validate_tag_event
 from .http import (
     BadBody,
     body_within,
@@ -100,7 +100,9 @@ def collect() -> Response:
     [accepted] = store.add_conversions([conversion], config.once_per_callback)
     counter = metrics.EVENTS_RECEIVED if accepted.status == "accepted" else metrics.EVENTS_DUPLICATE
     counter.labels("tag", str(conversion.event_type)).inc()
-    return json_response(202, status=accepted.status, id=accepted.id, event_id=accepted.event_id)
+    # The beacon's id as the tag sent it, without the prefix that keeps it apart in the store.
+    event_id = accepted.event_id.removeprefix(TAG_EVENT_ID_PREFIX)
+    return json_response(202, status=accepted.status, id=accepted.id, event_id=event_id)
 
 
 def beacon_bytes() -> bytes | None:

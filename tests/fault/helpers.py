@@ -152,6 +152,7 @@ def query(store: SqlStore, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any
 
 
 def rows_with_event_id(store: SqlStore, event_id: str) -> int:
+    """Rows stored under ``event_id`` (a beacon's id is stored as ``tag:<id>``)."""
     [(count,)] = query(store, "SELECT COUNT(*) FROM events WHERE event_id = ?", (event_id,))
     return count
 

@@ -103,7 +103,7 @@ def test_store_locked_past_its_timeout_is_answered_503_and_the_retry_stores_once
     assert_accepted(send_beacon(web.url, "locked-tag", "locked-tag"))
     assert_accepted(send_api_event(web.url, "locked-api", "locked-api"))
     assert_accepted(send_beacon(web.url, "locked-tag", "locked-tag"), "duplicate")
-    assert rows_with_event_id(outbox, "locked-tag") == 1
+    assert rows_with_event_id(outbox, "tag:locked-tag") == 1
     assert rows_with_event_id(outbox, "locked-api") == 1
     deliver_and_count(
         "store locked past its timeout: 503, client retries",
@@ -161,7 +161,7 @@ def test_sqlite_on_a_full_disk_is_answered_503_and_the_retry_stores_once(
     assert_accepted(send_api_event(web.url, "disk-full-api", "disk-full-api"))
     store = migrated_store(database_url)
     try:
-        for event_id in ("before-full", "disk-full", "disk-full-api"):
+        for event_id in ("tag:before-full", "tag:disk-full", "disk-full-api"):
             assert rows_with_event_id(store, event_id) == 1
     finally:
         store.close()
@@ -202,7 +202,7 @@ def test_postgresql_down_is_answered_503_until_it_is_back_and_the_retry_stores_o
     assert_accepted(send_api_event(web.url, "pg-down-api", "pg-down-api"))
     store = migrated_store(postgres_url)
     try:
-        for event_id in ("before-down", "pg-down", "pg-down-api"):
+        for event_id in ("tag:before-down", "tag:pg-down", "pg-down-api"):
             assert rows_with_event_id(store, event_id) == 1
     finally:
         store.close()
@@ -232,7 +232,7 @@ def test_worker_killed_mid_request_fails_the_request_and_the_retry_stores_once(
     wait_until(lambda: web.worker_pids() and web.worker_pids() != [worker], 20, "a new worker")
     assert_accepted(send_beacon(web.url, "cut-short", "cut-short-id"))
     assert_accepted(send_beacon(web.url, "cut-short", "cut-short-id"), "duplicate")
-    assert rows_with_event_id(outbox, "cut-short-id") == 1
+    assert rows_with_event_id(outbox, "tag:cut-short-id") == 1
 
     with RelayProcess(QUICK_RELAY_ENV, database_url=database_url, upstream_url=mock_kuaishou.url):
         wait_until(lambda: all_finished(outbox, 1), 20, "the event to be delivered")
