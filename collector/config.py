@@ -6,11 +6,15 @@ here without documentation fails CI.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
+
+import limits
 
 # Kuaishou's conversion endpoint; tests and staging point KS_COLLECTOR_UPSTREAM_URL at a mock.
 KUAISHOU_ACTIVATE_URL = "http://ad.partner.gifshow.com/track/activate"
@@ -102,11 +106,36 @@ def _log_format(raw: str) -> str:
 def _positive(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     def parse_positive(raw: str) -> Any:
         value = parse(raw)
+        # float() reads "nan" and "inf": a NaN timeout fails every call, an infinite lease
+        # overflows the relay's arithmetic.
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("must be a finite number")
         if value <= 0:
             raise ValueError("must be greater than zero")
         return value
 
     return parse_positive
+
+
+def _http_url(raw: str) -> str:
+    parts = urlsplit(raw.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    return raw.strip()
+
+
+def _rate_limit(raw: str) -> str:
+    """One limit as `limits` reads it, e.g. ``120/minute``; several (``3/minute;1/hour``) would
+    be cut to the first, and ``0/minute`` would refuse every beacon."""
+    try:
+        items = limits.parse_many(raw)
+    except ValueError:
+        raise ValueError("expected N/second, N/minute, N/hour or N/day, e.g. 120/minute") from None
+    if len(items) != 1:
+        raise ValueError("one limit only, e.g. 120/minute")
+    if items[0].amount <= 0:
+        raise ValueError("must allow at least one beacon")
+    return raw.strip()
 
 
 def _non_negative_int(raw: str) -> int:
@@ -141,7 +170,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "upstream_url",
         KUAISHOU_ACTIVATE_URL,
-        str,
+        _http_url,
         "Kuaishou's conversion endpoint. Only configuration can change where the relay sends.",
     ),
     Setting(
@@ -224,10 +253,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "rate_limit_ip",
         "120/minute",
-        str,
+        _rate_limit,
         "Tag beacons allowed per client IP (`N/second|minute|hour|day`).",
     ),
-    Setting("rate_limit_callback", "30/minute", str, "Tag beacons allowed per click id."),
+    Setting("rate_limit_callback", "30/minute", _rate_limit, "Tag beacons allowed per click id."),
     Setting(
         "rate_limit_storage_uri",
         "memory://",
