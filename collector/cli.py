@@ -124,7 +124,17 @@ def missing_sqlite_file(url: str) -> str | None:
     )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """Every command: a store that stops answering is a one-line error, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except StoreUnavailable as error:
+            raise click.ClickException(f"the store is unavailable: {error}") from None
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ks-collector")
 def main() -> None:
     """Kuaishou conversion collector: tag beacons and server events in, durable relay out.

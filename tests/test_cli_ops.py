@@ -14,6 +14,7 @@ import pytest
 
 from collector.store import AttemptResult, Outcome, SqlStore, open_store
 from collector.validation import Conversion, now_ms
+from tests.fault.helpers import write_lock_held
 from tests.support.processes import (
     UNREACHABLE_UPSTREAM,
     cli_command,
@@ -481,4 +482,20 @@ def test_stats_on_a_store_that_cannot_be_read_fails_without_a_traceback(tmp_path
 
     assert result.returncode == 1
     assert result.stderr.startswith("Error: SQLite read failed: no such table: events")
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["purge", "--older-than", "30d"], ["replay", "--since", "24h"]],
+    ids=lambda command: command[0],
+)
+def test_a_locked_store_is_a_one_line_error_not_a_traceback(sqlite_url, command):
+    migrated_store(sqlite_url).close()
+
+    with write_lock_held(sqlite_url):
+        result = run_cli(command, database_url=sqlite_url, check=False)
+
+    assert result.returncode == 1
+    assert result.stderr.startswith("Error: the store is unavailable: SQLite could not start")
     assert "Traceback" not in result.stderr
