@@ -8,6 +8,7 @@ from typing import Any, NoReturn
 from urllib.parse import SplitResult, urlsplit
 
 from flask import Response, abort, jsonify, make_response, request
+from gunicorn.http.errors import ParseException
 
 # Nesting deeper than this is not an event; refusing it early keeps the parser cheap.
 MAX_JSON_DEPTH = 8
@@ -102,7 +103,11 @@ def body_within(limit: int) -> bytes | None:
     """The request body if it is at most ``limit`` bytes, else None (read no further)."""
     if request.content_length is not None and request.content_length > limit:
         return None
-    raw = request.stream.read(limit + 1)
+    try:
+        raw = request.stream.read(limit + 1)
+    except ParseException as error:
+        # The server reads a chunked body as it goes: a malformed chunk shows up here.
+        error_response(400, "bad_body", f"the body could not be read: {type(error).__name__}")
     return raw if len(raw) <= limit else None
 
 

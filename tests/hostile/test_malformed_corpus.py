@@ -78,6 +78,7 @@ class Probe:
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
     chunked: bool = False
+    framed: bool = False  # chunked, and ``body`` already carries its (broken) chunk framing
 
 
 @dataclass
@@ -206,6 +207,14 @@ def corpus() -> list[Probe]:
     ):
         probes.append(Probe(f"collect {name}", "POST", COLLECT, body, dict(tag), chunked=True))
         probes.append(Probe(f"api {name}", "POST", API, body, dict(api), chunked=True))
+    for name, framing in (
+        ("chunk size not hex", b"zz\r\n{}\r\n0\r\n\r\n"),
+        ("chunk without its CRLF", b"2\r\n{}XX0\r\n\r\n"),
+    ):
+        for where, target, headers in (("collect", COLLECT, tag), ("api", API, api)):
+            probes.append(
+                Probe(f"{where} {name}", "POST", target, framing, dict(headers), True, True)
+            )
 
     for name, query in (
         ("no d", ""),
@@ -262,9 +271,13 @@ def exchange(port: int, probe: Probe) -> Answer:
     headers = {name: value for name, value in headers.items() if value != ""}
     if probe.chunked:
         headers["Transfer-Encoding"] = "chunked"
-        payload = b"".join(
-            b"%x\r\n%s\r\n" % (len(probe.body[i : i + 65536]), probe.body[i : i + 65536])
-            for i in range(0, len(probe.body), 65536)
+        payload = (
+            probe.body
+            if probe.framed
+            else b"".join(
+                b"%x\r\n%s\r\n" % (len(probe.body[i : i + 65536]), probe.body[i : i + 65536])
+                for i in range(0, len(probe.body), 65536)
+            )
         )
         payload += b"0\r\n\r\n"
     else:
