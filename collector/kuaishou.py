@@ -7,8 +7,11 @@ the path or add parameters beyond the ones the catalog allows.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import email.utils
 import json
+import socket
+import threading
 import time
 from dataclasses import dataclass
 from urllib.parse import urlencode
@@ -92,6 +95,70 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+class _Watchdog:
+    """Shuts a call's socket when its time budget runs out while it waits for the answer's head.
+
+    urllib3's timeouts bound each read, not the head as a whole: an upstream that sends one
+    header line every half second keeps a call going as long as it likes, past the event's
+    lease, and another relay (or this one) sends the event again meanwhile. One thread per
+    client looks over the calls in that wait ten times a second.
+    """
+
+    TICK_SECONDS = 0.1
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: dict[int, tuple[float, socket.socket]] = {}
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, key: int, sock: socket.socket, deadline: float) -> None:
+        with self._lock:
+            self._waiting[key] = (deadline, sock)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="kuaishou-watchdog", daemon=True
+                )
+                self._thread.start()
+
+    def forget(self, key: int) -> None:
+        with self._lock:
+            self._waiting.pop(key, None)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self.TICK_SECONDS):
+            now = time.perf_counter()
+            with self._lock:
+                overdue = [key for key, (deadline, _) in self._waiting.items() if deadline <= now]
+                sockets = [self._waiting.pop(key)[1] for key in overdue]
+            for sock in sockets:
+                # The blocked read returns at once; the call fails as out of time.
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+# The deadline of the call this thread is making, for the connection reading the answer's head.
+_current_call = threading.local()
+
+
+def _watched(connection_class: type, watchdog: _Watchdog) -> type:
+    """``connection_class`` whose wait for an answer's head is bounded by the call's deadline."""
+
+    class WatchedConnection(connection_class):
+        def getresponse(self) -> urllib3.BaseHTTPResponse:
+            if self.sock is not None:
+                watchdog.watch(id(self), self.sock, _current_call.deadline)
+            try:
+                return super().getresponse()
+            finally:
+                watchdog.forget(id(self))
+
+    return WatchedConnection
+
+
 class KuaishouClient:
     """Sends events over a pool of keep-alive connections shared by the relay's threads.
 
@@ -127,6 +194,7 @@ class KuaishouClient:
         # Nothing is read from the environment (no proxy variables, no .netrc): a direct pool to
         # the configured host. block=False as requests had it: the relay never runs more calls
         # than pool_size at once, and a surplus call gets a fresh connection instead of waiting.
+        self._watchdog = _Watchdog()
         self._pool = kind(
             url.host,
             url.port,
@@ -145,6 +213,7 @@ class KuaishouClient:
             },
             **extra,
         )
+        self._pool.ConnectionCls = _watched(self._pool.ConnectionCls, self._watchdog)
 
     def send(self, event: DueEvent) -> Answer:
         """One call, bounded in time and size as a whole: a read timeout alone restarts with
@@ -157,6 +226,7 @@ class KuaishouClient:
         # sent: a click id's own '+', '/', '=' and '%' arrive as they were given.
         target = f"{self._path}?{self._query_prefix}{urlencode(build_params(event))}"
         response = None
+        _current_call.deadline = deadline
         try:
             response = self._pool.urlopen(
                 "GET",
@@ -193,12 +263,10 @@ class KuaishouClient:
             # Refused or unresolvable: urllib3 files these under its connect timeouts.
             return Answer(Outcome.TRANSIENT, _since(started), error=_short(error, target))
         except (urllib3.exceptions.TimeoutError, _OutOfTime):
-            return Answer(
-                Outcome.TRANSIENT,
-                _since(started),
-                error=f"no answer within {self.timeout_seconds:g} s",
-            )
+            return self._out_of_time(started)
         except urllib3.exceptions.HTTPError as error:
+            if time.perf_counter() >= deadline:  # the watchdog shut the socket
+                return self._out_of_time(started)
             return Answer(Outcome.TRANSIENT, _since(started), error=_short(error, target))
         finally:
             if response is not None:
@@ -214,8 +282,16 @@ class KuaishouClient:
             answer.retry_after_seconds,
         )
 
+    def _out_of_time(self, started: float) -> Answer:
+        return Answer(
+            Outcome.TRANSIENT,
+            _since(started),
+            error=f"no answer within {self.timeout_seconds:g} s",
+        )
+
     def close(self) -> None:
         if self._pool is not None:
+            self._watchdog.stop()
             self._pool.close()
 
 

@@ -289,6 +289,29 @@ def test_an_answer_dripping_in_is_cut_at_the_deadline_not_at_the_next_byte(upstr
     assert 1000 <= answer_.latency_ms < 1300
 
 
+def test_an_answer_head_dripping_in_is_cut_at_the_deadline(upstreams) -> None:
+    # One header line every 0.3 s: every read gets something, so no read timeout ever fires.
+    def drip_head(sock: socket.socket, number: int) -> bool:
+        sock.sendall(b"HTTP/1.1 200 OK\r\n")
+        for line in range(30):
+            time.sleep(0.3)
+            try:
+                sock.sendall(b"X-Drip-%d: 1\r\n" % line)
+            except OSError:  # the client gave up and shut the connection
+                break
+        return False
+
+    answer_ = send_once(upstreams(drip_head).url)
+
+    assert (answer_.outcome, answer_.http_status, answer_.error) == (
+        Outcome.TRANSIENT,
+        None,
+        "no answer within 1 s",
+    )
+    # The watchdog looks every 0.1 s; without it the call lasts the whole 9 s drip.
+    assert 1000 <= answer_.latency_ms < 1300
+
+
 def test_a_redirect_is_an_answer_and_is_not_followed(upstreams) -> None:
     elsewhere = upstreams(lambda sock, number: sock.sendall(answer(OK)))
     redirecting = upstreams(

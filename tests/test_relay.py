@@ -244,6 +244,28 @@ def test_hanging_event_does_not_hold_back_the_others(
     assert (tried["outcome"], tried["error"]) == ("transient", "no answer within 4 s")
 
 
+def test_an_answer_head_dripping_in_never_keeps_a_call_past_its_lease(
+    store: SqlStore, mock_kuaishou: MockKuaishou, start_relay: Any
+) -> None:
+    # The shortest lease allowed (2 x the timeout): a call outliving it would be sent again by
+    # the relay while the first was still open.
+    mock_kuaishou.set_mode("drip_headers")
+    [dripped] = queue_conversions(store, form_conversions("drip", 1))
+    relay = start_relay(
+        relay_config(mock_kuaishou.url, upstream_timeout_seconds=1, lease_seconds=2)
+    )
+
+    wait_until(lambda: len(mock_kuaishou.requests()) >= 3, 10, "three calls")
+    relay.stop()
+
+    attempts = attempts_by_callback(store)[dripped]
+    assert len(attempts) == len(mock_kuaishou.requests())  # each call ended before the next
+    assert {(tried["outcome"], tried["error"]) for tried in attempts} == {
+        ("transient", "no answer within 1 s")
+    }
+    assert max(tried["latency_ms"] for tried in attempts) < 1500
+
+
 def test_relay_with_every_slot_waiting_for_an_answer_sleeps_instead_of_spinning(
     store: SqlStore, mock_kuaishou: MockKuaishou, start_relay: Any
 ) -> None:

@@ -1,8 +1,9 @@
 """A stand-in for Kuaishou's conversion endpoint, ``GET /track/activate``, on 127.0.0.1.
 
 It records every call and answers the way Kuaishou (or the network in front of it) might:
-success, 5xx, 429, an HTML error page, a hang, a closed connection or the one documented
-failure body, ``callbackinfo decodedfailure``. The behaviour changes at run time, from Python
+success, 5xx, 429, an HTML error page, a hang, a closed connection, a head that drips in line
+by line (``drip_headers``) or the one documented failure body, ``callbackinfo decodedfailure``.
+The behaviour changes at run time, from Python
 (``MockKuaishou.set_mode``) or over HTTP on the same port:
 
 - ``POST /__control`` with a JSON object of the settings to change (see ``Behaviour``);
@@ -47,7 +48,21 @@ from urllib.parse import parse_qs
 TRACK_PATH = "/track/activate"
 
 # Every behaviour the mock knows, by the name used in Python and in the control API.
-MODES = ("ok", "http_503", "http_500", "http_429", "html", "hang", "decode_failure", "close")
+MODES = (
+    "ok",
+    "http_503",
+    "http_500",
+    "http_429",
+    "html",
+    "hang",
+    "decode_failure",
+    "close",
+    "drip_headers",
+)
+# drip_headers: the status line, then one header line every this many seconds, for this long;
+# each read of the answer gets a little, and no per-read timeout ever fires.
+DRIP_INTERVAL_SECONDS = 0.2
+DRIP_SECONDS = 30.0
 
 # The largest request head accepted; Kuaishou callbacks are long but nowhere near this.
 MAX_HEAD_BYTES = 64 * 1024
@@ -350,6 +365,9 @@ class MockKuaishouApp:
                 return False
             if outcome == "close":
                 return False
+            if outcome == "drip_headers":
+                await _drip_headers(writer)
+                return False
             writer.write(self._track_response(outcome, keep_alive))
         else:
             writer.write(self._control_response(request, keep_alive))
@@ -447,6 +465,14 @@ def _response(
         *(f"{name}: {value}" for name, value in extra_headers),
     ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+async def _drip_headers(writer: asyncio.StreamWriter) -> None:
+    writer.write(b"HTTP/1.1 200 OK\r\n")
+    for number in range(int(DRIP_SECONDS / DRIP_INTERVAL_SECONDS)):
+        await writer.drain()
+        await asyncio.sleep(DRIP_INTERVAL_SECONDS)
+        writer.write(f"X-Drip-{number}: 1\r\n".encode())
 
 
 def _json_response(status: int, payload: Any, keep_alive: bool) -> bytes:
