@@ -82,8 +82,9 @@
     }
   }
 
-  // Sending and the retry queue. A queued item is {e: event, t: time of the action,
-  // n: sends so far, b: 1 once sent blind (by beacon or image, whose answer is unseen)}.
+  // Sending and the retry queue. A queued item is {e: event, t: time of the action, n: sends so
+  // far}. A send by beacon or image, whose answer is unseen, counts SEND_LIMIT - 2 more: such an
+  // event is sent once more at most.
 
   // The queue is read without Array methods, which pages replace with broken versions; anything
   // stored there that is not a list of items counts as empty.
@@ -94,7 +95,7 @@
       for (var i = 0; i < saved.length; i++) {
         var item = saved[i];
         if (item.e.id !== exceptId && now() - item.t < QUEUE_AGE &&
-            item.n < (item.b ? 2 : SEND_LIMIT)) items[items.length] = item;
+            item.n < SEND_LIMIT) items[items.length] = item;
       }
     } catch (e) {}
     return items;
@@ -129,7 +130,7 @@
       }), now);
     } catch (e) {
       // Neither of these shows the answer: the next page load sends the event once more.
-      item.b = 1;
+      item.n += SEND_LIMIT - 2;
       try {
         // false: the browser did not queue it (too big, or too much in flight), so the image.
         if (!navigator.sendBeacon(endpoint, body)) throw 0;
@@ -182,15 +183,18 @@
     while (i--) fillField(forms[i]);
   });
 
-  var wechatCopied;
+  // Event types a click or copy already reported in this page view: a double tap, or a copy
+  // after a click on the same WeChat ID, is one conversion.
+  var clicked = {};
+
+  function once(type) {
+    if (!clicked[type]) track(clicked[type] = type);
+  }
 
   // A click on a data-ks-wechat element (the usual "copy WeChat ID" button), or a copy whose
   // selection starts in one: Chromium and WebKit aim copy at that element (or the input).
   function wechatCopy(e) {
-    if (!wechatCopied && marked(e, 'data-ks-wechat') != null) {
-      wechatCopied = true;
-      track('wechat_copy');
-    }
+    if (marked(e, 'data-ks-wechat') != null) once('wechat_copy');
   }
 
   // Start
@@ -226,7 +230,7 @@
     }), true);
 
     document.addEventListener('click', guard(function (e) {
-      track(marked(e, 'data-ks-track'));
+      once(marked(e, 'data-ks-track'));
       wechatCopy(e);
     }), true);
 

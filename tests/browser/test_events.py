@@ -214,6 +214,25 @@ def test_data_ks_track_click_sends_event(site, land, collector):
     assert sorted(types(collector.expect(2))) == ["51", "wechat_qr_click"]
 
 
+def test_data_ks_track_double_tap_sends_once_per_page_view(site, land, visit, collector):
+    site.page(
+        "/",
+        '<button data-ks-track="wechat_qr_click">QR</button>'
+        '<button data-ks-track="51" id="pay">Pay</button>',
+    )
+    page = land("/")
+
+    page.dblclick("text=QR")
+    page.click("#pay")
+    page.click("#pay")
+    first_view = sorted(types(collector.expect(2)))
+    collector.clear()
+    visit("/").dblclick("text=QR")
+
+    assert first_view == ["51", "wechat_qr_click"]
+    assert types(collector.expect(1)) == ["wechat_qr_click"]
+
+
 def test_queued_kstag_calls_replay_after_load_with_lead_id(site, visit, collector, click_id):
     site.page(
         "/",
