@@ -8,10 +8,14 @@ web`` alone, with no relay anywhere, is not ready; ``ks-collector serve`` is. Th
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -109,4 +113,45 @@ def test_a_store_that_cannot_take_a_write_is_not_ready(app, sqlite_url):
     checks = response.get_json()["checks"]
     assert checks["store"].startswith("unavailable: SQLite could not start a transaction:")
     assert checks["relay"] == "unknown"
+    assert client.get("/readyz").status_code == 200
+
+
+@contextmanager
+def read_only(path: str) -> Iterator[None]:
+    """Make the file unwritable as a wrong owner would: chattr +i for root, whom permission
+    bits do not stop, else chmod."""
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i", path], check=True)
+        try:
+            yield
+        finally:
+            subprocess.run(["chattr", "-i", path], check=True)
+        return
+    os.chmod(path, 0o444)
+    try:
+        yield
+    finally:
+        os.chmod(path, 0o644)
+
+
+def test_a_store_started_read_only_is_not_ready(sqlite_url):
+    # As after a command run as root made the database root's: connections open it read-only,
+    # and a transaction that writes nothing still commits.
+    migrated = open_store(sqlite_url)
+    migrated.migrate()
+    migrated.beat("relay-1", now_ms())
+    migrated.close()
+    store = open_store(sqlite_url)
+    client = create_app(Config.from_env({}, database_url=sqlite_url), store).test_client()
+
+    with read_only(sqlite.path_from_url(sqlite_url)):
+        response = client.get("/readyz")
+        beacon = client.post("/collect", data=b'{"v":1,"id":"ro-1","type":"form","callback":"C"}')
+    store.close()  # its connections were opened read-only; new ones may write again
+
+    assert response.status_code == 503
+    assert response.get_json()["checks"]["store"] == (
+        "unavailable: SQLite could not commit: attempt to write a readonly database"
+    )
+    assert beacon.status_code == 503
     assert client.get("/readyz").status_code == 200

@@ -525,9 +525,14 @@ class SqlStore(ABC):
         return count, (now_ms - oldest if oldest is not None else None)
 
     def check_writable(self) -> None:
-        """Raise ``StoreUnavailable`` unless a write transaction can commit now."""
+        """Raise ``StoreUnavailable`` unless a write commits now. A row is rewritten with its own
+        value: a transaction that writes nothing commits on a read-only file or database (wrong
+        ownership, a replica) where every beacon would be refused."""
         with self.transaction() as cursor:
-            cursor.execute("SELECT COUNT(*) FROM schema_migrations")
+            cursor.execute(
+                "UPDATE schema_migrations SET applied_at_ms = applied_at_ms"
+                " WHERE version = (SELECT MAX(version) FROM schema_migrations)"
+            )
 
     # ---- dashboard queries -------------------------------------------------------------------
     # Read-only summaries for /admin, `ks-collector stats` and `ks-collector check`.
