@@ -7,6 +7,7 @@ tests/test_api_end_to_end.py.
 
 from __future__ import annotations
 
+import gzip
 import json
 import sqlite3
 from collections.abc import Iterator
@@ -328,6 +329,34 @@ def test_a_form_from_the_tag_then_the_api_is_stored_once(api):
     assert [row["source"] for row in api.rows()] == ["tag"]
 
 
+def test_a_bare_array_is_refused_with_the_shape_to_send(api):
+    response = api.post([{"event_type": 9, "callback": "CLICK-1"}])
+
+    assert response.status_code == 422
+    assert response.get_json() == {
+        "error": "invalid_batch",
+        "message": 'send one event as a JSON object, or several as {"events": [...]}, '
+        "not a bare array",
+    }
+    assert api.rows() == []
+
+
+def test_a_compressed_body_is_refused_as_unsupported_not_as_bad_text(api):
+    response = api.client.post(
+        "/api/v1/conversions",
+        data=gzip.compress(b'{"event_type": 9, "callback": "CLICK-1"}'),
+        headers={**AUTH, "Content-Encoding": "gzip"},
+        content_type="application/json",
+    )
+
+    assert response.status_code == 415
+    assert response.get_json() == {
+        "error": "unsupported_content_encoding",
+        "message": "Content-Encoding gzip is not accepted: send the JSON uncompressed",
+    }
+    assert api.rows() == []
+
+
 def test_a_beacon_cannot_take_the_event_id_of_an_api_conversion(any_api):
     # /collect is public: a beacon naming a CRM's order number must not turn the payment
     # reported later under that number into a duplicate that is never relayed.
@@ -499,5 +528,5 @@ def test_conversion_answers_match_their_documented_schemas(api, openapi):
 
 def test_openapi_documents_every_answer_of_the_conversions_endpoint(openapi):
     post = openapi["paths"]["/api/v1/conversions"]["post"]
-    assert set(post["responses"]) == {"202", "400", "401", "413", "422", "503"}
+    assert set(post["responses"]) == {"202", "400", "401", "413", "415", "422", "503"}
     assert post["security"] == [{"bearer": []}]

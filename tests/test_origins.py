@@ -12,6 +12,7 @@ import pytest
 from collector.catalog import EVENT_TYPES
 from collector.config import Config, ConfigError
 from collector.server import check_bind_is_safe, is_loopback_bind
+from collector.web.http import origin_allowed
 from tests.hostile.apps import (
     CRM_TOKEN,
     beacon,
@@ -297,6 +298,28 @@ def test_serve_refuses_to_start_with_an_origin_missing_its_scheme(tmp_path):
 
     assert result.returncode != 0
     assert "did you mean https://shop.example.com?" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("origin", "allowed"),
+    [
+        ("https://a.example.org", True),
+        ("https://b.a.example.org", True),
+        ("https://example.org", False),
+        ("http://a.example.org", False),
+        ("https://a.example.org:8443", False),
+        ("http://a.dev.example:8080", True),
+        ("http://a.dev.example:8081", False),
+        ("http://a.dev.example", False),
+        # A netloc that ends like the pattern without its host doing so: forged, never sent by
+        # a browser, and not let through.
+        ("https://evil.example:1.example.org", False),
+    ],
+)
+def test_scheme_wildcard_entries_match_host_and_port_apart(origin, allowed):
+    entries = ("https://*.example.org", "http://*.dev.example:8080")
+
+    assert origin_allowed(origin, entries) is allowed
 
 
 def test_public_bind_with_an_allowlist_starts_silently(caplog):

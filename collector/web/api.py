@@ -56,11 +56,26 @@ def post_conversions() -> Response:
     store = current_app.config["KS_STORE"]
     received_at = now_ms()
 
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding != "identity":
+        metrics.EVENTS_REFUSED.labels("api", "malformed").inc()
+        error_response(
+            415,
+            "unsupported_content_encoding",
+            f"Content-Encoding {encoding} is not accepted: send the JSON uncompressed",
+        )
     try:
         body = parse_json(read_body(MAX_API_BODY_BYTES))
     except BadBody as error:
         metrics.EVENTS_REFUSED.labels("api", "malformed").inc()
         error_response(400, "bad_body", str(error))
+    if isinstance(body, list):
+        metrics.EVENTS_REFUSED.labels("api", "invalid").inc()
+        error_response(
+            422,
+            "invalid_batch",
+            'send one event as a JSON object, or several as {"events": [...]}, not a bare array',
+        )
     items = [body]
     if isinstance(body, dict) and "events" in body:
         try:

@@ -140,9 +140,20 @@ def origin_allowed(origin: str, allowed: tuple[str, ...]) -> bool:
             if parts.hostname.endswith(suffix) and len(parts.hostname) > len(suffix):
                 return True
         elif "://*." in entry:
+            # The host and the port separately: the netloc "evil.com:1.example.com" ends with
+            # ".example.com" too (browsers never send it, forged headers may).
             scheme, _, pattern = entry.partition("://")
-            suffix = pattern[1:]
-            if parts.scheme == scheme and parts.netloc.endswith(suffix):
+            suffix, _, port = pattern[1:].partition(":")
+            try:
+                origin_port = parts.port
+            except ValueError:
+                return False
+            if (
+                parts.scheme == scheme
+                and parts.hostname.endswith(suffix)
+                and len(parts.hostname) > len(suffix)
+                and str(origin_port or "") == port
+            ):
                 return True
     return False
 

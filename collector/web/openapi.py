@@ -133,6 +133,7 @@ def openapi_document() -> dict:
                     "400": _error("The body is not JSON"),
                     "401": _error("Missing or invalid bearer token"),
                     "413": _error("The body is too large"),
+                    "415": _error("The body is compressed (Content-Encoding); send plain JSON"),
                     "422": _error("One or more events refused; nothing stored"),
                     "503": _error("The store cannot commit now; retry after Retry-After"),
                 },
