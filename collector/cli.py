@@ -366,7 +366,9 @@ def replay(
         until_ms=parse_time_ms(until) if until else None,
         error_contains=error_contains,
     )
-    click.echo(f"re-queued {count} event{'s' if count != 1 else ''}")
+    wanted = " or ".join(statuses or ("dead", "rejected"))
+    note = "" if count else f" (no {wanted} event matched: only those can be replayed)"
+    click.echo(f"re-queued {count} event{'s' if count != 1 else ''}{note}")
 
 
 @main.command()

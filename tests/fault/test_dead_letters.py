@@ -121,7 +121,7 @@ def test_replay_chooses_events_by_id_time_range_and_error_and_says_how_many(
 
     # Only dead and rejected events are ever re-queued.
     assert replay(database_url, "--id", str(delivered.id), "--id", str(pending_id)) == (
-        "re-queued 0 events"
+        "re-queued 0 events (no dead or rejected event matched: only those can be replayed)"
     )
     assert replay(database_url, "--since", "2d", "--until", "12h") == "re-queued 2 events"
     assert sorted(
