@@ -22,6 +22,7 @@ import requests
 from collector.kuaishou import MAX_ANSWER_BYTES, KuaishouClient, build_params
 from collector.store import DueEvent, Outcome
 from tests.support.mock_kuaishou import MockKuaishou
+from tests.test_kuaishou_client import due_event
 
 TIMEOUT_SECONDS = 1.0
 OK = b'{"result":1}'
@@ -40,19 +41,6 @@ ODD_CLICK_IDS = [
     "",
     "é\U0001f600",
 ]
-
-
-def due_event(callback: str = "CLICK-abc", /, **params: str) -> DueEvent:
-    return DueEvent(
-        id=7,
-        event_id="e-7",
-        event_type=3,
-        callback=callback,
-        event_time_ms=1_700_000_000_123,
-        params=params,
-        attempts=1,
-        age_base_ms=1_700_000_000_123,
-    )
 
 
 def answer(body: bytes, status: str = "200 OK", headers: str = "") -> bytes:
