@@ -121,13 +121,13 @@
 
     // A string body makes this a CORS simple request (text/plain): no preflight. Cross-origin,
     // the browser sends no cookies and only the page's origin as the referrer. A network failure
-    // rejects and leaves the event queued; now() serves as a no-op rejection handler, so that the
-    // page does not see an unhandled rejection.
+    // rejects and leaves the event queued; the empty handler keeps that rejection from reaching
+    // the page as an unhandled one.
     try {
       fetch(endpoint, {method: 'POST', body: body, keepalive: true}).then(guard(function (answer) {
         // 2xx is committed; any other 4xx but 408 and 429 can never be accepted.
         if (/^(2|4(?!08|29))/.test(answer.status)) keep(event.id);
-      }), now);
+      }), function () {});
     } catch (e) {
       // Neither of these shows the answer: the next page load sends the event once more.
       item.n += SEND_LIMIT - 2;
