@@ -218,6 +218,11 @@ class SqliteStore(SqlStore):
             except sqlite3.OperationalError as error:
                 # Locked, disk full, I/O error, read-only file: nothing of it was committed.
                 self._rollback(connection)
+                if "readonly" in str(error):
+                    # SQLite opened the file read-only and keeps it so: the next transaction
+                    # opens it afresh, and writes again once the file is writable.
+                    connection.close()
+                    self._writer = None
                 raise StoreUnavailable(f"SQLite could not commit: {error}") from error
             except BaseException:
                 self._rollback(connection)
