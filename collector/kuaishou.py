@@ -96,12 +96,14 @@ def parse_retry_after(value: str | None) -> float | None:
 
 
 class _Watchdog:
-    """Shuts a call's socket when its time budget runs out while it waits for the answer's head.
+    """Shuts a call's socket when its time budget runs out, wherever the call is waiting.
 
-    urllib3's timeouts bound each read, not the head as a whole: an upstream that sends one
-    header line every half second keeps a call going as long as it likes, past the event's
-    lease, and another relay (or this one) sends the event again meanwhile. One thread per
-    client looks over the calls in that wait ten times a second.
+    urllib3's timeouts bound each read, not the answer as a whole: an upstream that sends one
+    header line, one byte of a chunk size or one empty gzip block every half second keeps a call
+    going as long as it likes, past the event's lease, and another relay (or this one) sends the
+    event again meanwhile. The reads of a chunked or compressed body loop inside http.client and
+    urllib3, out of reach of a deadline checked between them. One thread per client looks over
+    the calls under way ten times a second.
     """
 
     TICK_SECONDS = 0.1
@@ -140,21 +142,20 @@ class _Watchdog:
                     sock.shutdown(socket.SHUT_RDWR)
 
 
-# The deadline of the call this thread is making, for the connection reading the answer's head.
+# The call this thread is making: its deadline, and the connection carrying it once it has one.
 _current_call = threading.local()
 
 
 def _watched(connection_class: type, watchdog: _Watchdog) -> type:
-    """``connection_class`` whose wait for an answer's head is bounded by the call's deadline."""
+    """``connection_class`` watched from the wait for an answer's head until ``send()`` is done
+    with the answer (it forgets the connection then)."""
 
     class WatchedConnection(connection_class):
         def getresponse(self) -> urllib3.BaseHTTPResponse:
             if self.sock is not None:
                 watchdog.watch(id(self), self.sock, _current_call.deadline)
-            try:
-                return super().getresponse()
-            finally:
-                watchdog.forget(id(self))
+                _current_call.watched = id(self)
+            return super().getresponse()
 
     return WatchedConnection
 
@@ -227,6 +228,7 @@ class KuaishouClient:
         target = f"{self._path}?{self._query_prefix}{urlencode(build_params(event))}"
         response = None
         _current_call.deadline = deadline
+        _current_call.watched = None
         try:
             response = self._pool.urlopen(
                 "GET",
@@ -269,6 +271,8 @@ class KuaishouClient:
                 return self._out_of_time(started)
             return Answer(Outcome.TRANSIENT, _since(started), error=_short(error, target))
         finally:
+            if _current_call.watched is not None:
+                self._watchdog.forget(_current_call.watched)
             if response is not None:
                 _give_back(response)
         text = body.decode(_charset(response.headers.get("Content-Type")), "replace")

@@ -300,6 +300,40 @@ def test_an_answer_head_dripping_in_is_cut_at_the_deadline(upstreams) -> None:
     assert 1000 <= answer_.latency_ms < 1300
 
 
+@pytest.mark.parametrize(
+    ("head", "drip", "outcome"),
+    [
+        # A chunk size that never ends: http.client reads it with readline, byte by byte.
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"0", Outcome.TRANSIENT),
+        # The whole answer, then trailer lines without end: the answer itself is complete.
+        (
+            b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nc\r\n{"result":1}\r\n0\r\n',
+            b"X-Trailer: 1\r\n",
+            Outcome.DELIVERED,
+        ),
+    ],
+    ids=["chunk-size", "trailer"],
+)
+def test_a_chunked_answer_dripping_in_is_cut_at_the_deadline(
+    upstreams, head, drip, outcome
+) -> None:
+    def dripping(sock: socket.socket, number: int) -> bool:
+        sock.sendall(head)
+        for _ in range(30):
+            time.sleep(0.3)
+            try:
+                sock.sendall(drip)
+            except OSError:  # the client gave up and shut the connection
+                break
+        return False
+
+    answer_ = send_once(upstreams(dripping).url)
+
+    assert answer_.outcome is outcome
+    # The body is read inside http.client's own loops: only the watchdog stops them.
+    assert 1000 <= answer_.latency_ms < 1300
+
+
 def test_a_redirect_is_an_answer_and_is_not_followed(upstreams) -> None:
     elsewhere = upstreams(lambda sock, number: sock.sendall(answer(OK)))
     redirecting = upstreams(
