@@ -8,7 +8,7 @@ from typing import Any, NoReturn
 from urllib.parse import SplitResult, urlsplit
 
 from flask import Response, abort, jsonify, make_response, request
-from gunicorn.http.errors import ParseException
+from gunicorn.http.errors import NoMoreData, ParseException
 
 # Nesting deeper than this is not an event; refusing it early keeps the parser cheap.
 MAX_JSON_DEPTH = 8
@@ -105,8 +105,9 @@ def body_within(limit: int) -> bytes | None:
         return None
     try:
         raw = request.stream.read(limit + 1)
-    except ParseException as error:
-        # The server reads a chunked body as it goes: a malformed chunk shows up here.
+    except (ParseException, NoMoreData) as error:
+        # The server reads a chunked body as it goes: a malformed chunk, or a body cut off
+        # before its last chunk, shows up here.
         error_response(400, "bad_body", f"the body could not be read: {type(error).__name__}")
     return raw if len(raw) <= limit else None
 

@@ -79,6 +79,7 @@ class Probe:
     headers: dict[str, str] = field(default_factory=dict)
     chunked: bool = False
     framed: bool = False  # chunked, and ``body`` already carries its (broken) chunk framing
+    cut_off: bool = False  # framed, sent as it is, then the client stops sending (half-close)
 
 
 @dataclass
@@ -215,6 +216,14 @@ def corpus() -> list[Probe]:
             probes.append(
                 Probe(f"{where} {name}", "POST", target, framing, dict(headers), True, True)
             )
+    for name, framing in (
+        ("chunk cut off", b'3a\r\n{"v":1,"id":"ch1"'),
+        ("no last chunk", b"2\r\n{}\r\n"),
+    ):
+        for where, target, headers in (("collect", COLLECT, tag), ("api", API, api)):
+            probes.append(
+                Probe(f"{where} {name}", "POST", target, framing, dict(headers), True, True, True)
+            )
 
     for name, query in (
         ("no d", ""),
@@ -279,7 +288,8 @@ def exchange(port: int, probe: Probe) -> Answer:
                 for i in range(0, len(probe.body), 65536)
             )
         )
-        payload += b"0\r\n\r\n"
+        if not probe.cut_off:
+            payload += b"0\r\n\r\n"
     else:
         headers["Content-Length"] = str(len(probe.body))
         payload = probe.body
@@ -292,6 +302,8 @@ def exchange(port: int, probe: Probe) -> Answer:
         # The server may answer early (413) and close; its answer is still readable.
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             sock.sendall(head.encode("latin-1") + payload)
+            if probe.cut_off:
+                sock.shutdown(socket.SHUT_WR)
         received = bytearray()
         try:
             while chunk := sock.recv(65536):
