@@ -76,6 +76,13 @@ def _parse_origins(raw: str) -> tuple[str, ...]:
                 f"{entry!r} is not an origin such as https://shop.example.com, "
                 f"*.example.com or *{hint}"
             )
+        if re.fullmatch(r"(https://.*:443|http://.*:80)/?", entry, re.IGNORECASE):
+            # Browsers leave the scheme's own port out of Origin: this would never match.
+            bare = re.sub(r":(443|80)/?$", "", entry)
+            raise ValueError(
+                f"{entry!r} names the default port, which browsers leave out of the origin "
+                f"they send: write {bare}"
+            )
     return entries
 
 
@@ -103,7 +110,7 @@ def _log_format(raw: str) -> str:
     return raw.strip().lower()
 
 
-def _positive(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+def _positive(parse: Callable[[str], Any], at_most: float | None = None) -> Callable[[str], Any]:
     def parse_positive(raw: str) -> Any:
         value = parse(raw)
         # float() reads "nan" and "inf": a NaN timeout fails every call, an infinite lease
@@ -112,6 +119,9 @@ def _positive(parse: Callable[[str], Any]) -> Callable[[str], Any]:
             raise ValueError("must be a finite number")
         if value <= 0:
             raise ValueError("must be greater than zero")
+        # Bounds far beyond any use, so that milliseconds fit 64 bits and times fit time_t.
+        if at_most is not None and value > at_most:
+            raise ValueError(f"must be at most {at_most:g}")
         return value
 
     return parse_positive
@@ -121,6 +131,10 @@ def _http_url(raw: str) -> str:
     parts = urlsplit(raw.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("must be an http:// or https:// URL with a host")
+    try:
+        parts.port  # noqa: B018 - raises for a port that is not a number from 0 to 65535
+    except ValueError:
+        raise ValueError("has a port that is not a number from 1 to 65535") from None
     return raw.strip()
 
 
@@ -176,7 +190,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "upstream_timeout_seconds",
         "10",
-        _positive(float),
+        _positive(float, at_most=600),
         "Connect + read timeout of one call to Kuaishou.",
     ),
     Setting(
@@ -185,37 +199,37 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "relay_poll_seconds",
         "0.2",
-        _positive(float),
+        _positive(float, at_most=60),
         "How often an idle relay looks for due events.",
     ),
     Setting(
         "lease_seconds",
         "60",
-        _positive(float),
+        _positive(float, at_most=86_400),
         "How long a claimed event stays reserved for one relay before another may take it.",
     ),
     Setting(
         "retry_base_seconds",
         "5",
-        _positive(float),
+        _positive(float, at_most=86_400),
         "First retry delay; it doubles per attempt, with jitter.",
     ),
     Setting(
         "retry_max_delay_seconds",
         "1800",
-        _positive(float),
+        _positive(float, at_most=30 * 86_400),
         "Upper bound of one retry delay (a longer Retry-After is capped to it).",
     ),
     Setting(
         "retry_max_age_hours",
         "72",
-        _positive(float),
+        _positive(float, at_most=366 * 24),
         "An event still undelivered this long after it arrived is marked dead.",
     ),
     Setting(
         "max_event_age_days",
         "7",
-        _positive(float),
+        _positive(float, at_most=3660),
         "A caller-supplied event_time older than this is refused.",
     ),
     Setting(

@@ -21,6 +21,15 @@ from collector.config import Config, ConfigError
             "must be an http:// or https:// URL with a host",
         ),
         ("UPSTREAM_URL", "127.0.0.1:9000", "must be an http:// or https:// URL with a host"),
+        # Finite but far beyond any use: milliseconds overflowed 64 bits, time_t overflowed.
+        ("LEASE_SECONDS", "1e17", "must be at most 86400"),
+        ("RELAY_POLL_SECONDS", "1e300", "must be at most 60"),
+        ("MAX_EVENT_AGE_DAYS", "1e305", "must be at most 3660"),
+        (
+            "UPSTREAM_URL",
+            "http://127.0.0.1:abc/x",
+            "has a port that is not a number from 1 to 65535",
+        ),
         ("RATE_LIMIT_IP", "0/minute", "must allow at least one beacon"),
         ("RATE_LIMIT_IP", "3/minute;1/hour", "one limit only, e.g. 120/minute"),
         (

@@ -274,6 +274,11 @@ def test_origin_entries_browsers_can_match_are_taken(entries):
             " https://shop.example.com, *.example.com or * (an origin has no path)",
         ),
         (
+            "https://shop.example.com:443",
+            "'https://shop.example.com:443' names the default port, which browsers leave out of"
+            " the origin they send: write https://shop.example.com",
+        ),
+        (
             "ftp://files.example.com",
             "'ftp://files.example.com' is not an origin such as https://shop.example.com,"
             " *.example.com or *",
