@@ -162,9 +162,16 @@ def prepare_metrics_dir(config: Config) -> str:
     would delete whatever else is there (the outbox, for one)."""
     if not config.metrics_dir:
         return tempfile.mkdtemp(prefix="ks-collector-metrics-")
-    os.makedirs(config.metrics_dir, exist_ok=True)
+    try:
+        os.makedirs(config.metrics_dir, exist_ok=True)
+        names = sorted(os.listdir(config.metrics_dir))
+    except OSError as error:
+        raise SystemExit(
+            f"KS_COLLECTOR_METRICS_DIR={config.metrics_dir} cannot be used as a directory: "
+            f"{error.strerror or error}"
+        ) from None
     foreign = []
-    for name in sorted(os.listdir(config.metrics_dir)):
+    for name in names:
         if METRICS_FILE.fullmatch(name):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(config.metrics_dir, name))

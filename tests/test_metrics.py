@@ -334,6 +334,24 @@ def test_a_metrics_directory_holding_the_outbox_is_refused_and_left_alone(tmp_pa
     assert open_store(database).schema_version() == 1
 
 
+def test_a_metrics_directory_that_is_a_file_is_a_one_line_error(tmp_path):
+    not_a_directory = tmp_path / "metrics"
+    not_a_directory.write_text("a file")
+
+    result = run_cli(
+        ["web", "--bind", f"127.0.0.1:{free_port()}"],
+        {"KS_COLLECTOR_METRICS_DIR": str(not_a_directory)},
+        database_url=migrated(f"sqlite:///{tmp_path / 'ks.db'}"),
+        timeout=30,
+        check=False,
+    )
+
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"KS_COLLECTOR_METRICS_DIR={not_a_directory} cannot be used as a directory: File exists"
+    )
+
+
 def test_outbox_gauges_are_left_out_when_the_store_cannot_be_read(tmp_path):
     database = tmp_path / "ks.db"
     with WebProcess({}, workers=1, database_url=migrated(f"sqlite:///{database}")) as web:
