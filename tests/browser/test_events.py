@@ -225,12 +225,16 @@ def test_data_ks_track_double_tap_sends_once_per_page_view(site, land, visit, co
     page.dblclick("text=QR")
     page.click("#pay")
     page.click("#pay")
-    first_view = sorted(types(collector.expect(2)))
+    first_view = collector.expect(2)
     collector.clear()
     visit("/").dblclick("text=QR")
+    # A first-view beacon whose answer had not arrived before the page was left is sent again
+    # from the queue, with its id: the collector would take it as the same event.
+    first_ids = {event["id"] for event in first_view}
+    second_view = [event for event in collector.expect_distinct(1) if event["id"] not in first_ids]
 
-    assert first_view == ["51", "wechat_qr_click"]
-    assert types(collector.expect(1)) == ["wechat_qr_click"]
+    assert sorted(types(first_view)) == ["51", "wechat_qr_click"]
+    assert types(second_view) == ["wechat_qr_click"]
 
 
 def test_queued_kstag_calls_replay_after_load_with_lead_id(site, visit, collector, click_id):
