@@ -72,8 +72,7 @@ class Context:
         """The configured store; only ``migrate`` may bring a new SQLite file into being."""
         if self._store is None:
             self.require_database()
-            self._open_store()
-        assert self._store is not None
+            self._store = self._open_store()
         return self._store
 
     def require_database(self) -> None:
@@ -81,16 +80,15 @@ class Context:
         if problem:
             raise click.ClickException(problem)
 
-    def _open_store(self) -> None:
+    def _open_store(self) -> SqlStore:
         try:
-            self._store = open_store(self.config.database_url)
+            return open_store(self.config.database_url)
         except (ValueError, RuntimeError) as error:
             raise click.ClickException(str(error)) from None
 
     def migrate(self) -> None:
         if self._store is None:
-            self._open_store()
-        assert self._store is not None
+            self._store = self._open_store()
         try:
             applied = self._store.migrate()
         except StoreUnavailable as error:

@@ -137,8 +137,7 @@ def origin_allowed(origin: str, allowed: tuple[str, ...]) -> bool:
         if entry == normalized:
             return True
         if entry.startswith("*."):
-            suffix = entry[1:]  # ".example.com"
-            if parts.hostname.endswith(suffix) and len(parts.hostname) > len(suffix):
+            if _under(parts.hostname, entry[1:]):
                 return True
         elif "://*." in entry:
             # The host and the port separately: the netloc "evil.com:1.example.com" ends with
@@ -151,12 +150,16 @@ def origin_allowed(origin: str, allowed: tuple[str, ...]) -> bool:
                 return False
             if (
                 parts.scheme == scheme
-                and parts.hostname.endswith(suffix)
-                and len(parts.hostname) > len(suffix)
+                and _under(parts.hostname, suffix)
                 and str(origin_port or "") == port
             ):
                 return True
     return False
+
+
+def _under(hostname: str, suffix: str) -> bool:
+    """``shop.example.com`` is under ``.example.com``; ``example.com`` itself is not."""
+    return hostname.endswith(suffix) and len(hostname) > len(suffix)
 
 
 def page_origin() -> str | None:
